@@ -1,0 +1,55 @@
+"""Spectral bases: the registry of inverse transforms and sparse spectra.
+
+This subpackage knows nothing about adapters or models. Importing it
+registers the built-in bases ``fft``, ``dct``, ``haar``, ``db4``, ``bior``
+(bior2.2) and ``coif`` (coif1); every other PyWavelets discrete wavelet name
+resolves through :func:`get_basis` as well.
+"""
+
+from selora.spectral_bases.cosine import CosineTransform
+from selora.spectral_bases.fourier import FourierTransform
+from selora.spectral_bases.registry import (
+    InverseTransform,
+    UnknownBasisError,
+    basis_name,
+    get_basis,
+    list_bases,
+    register_basis,
+    unregister_basis,
+)
+from selora.spectral_bases.spectrum import (
+    SparseSpectrum,
+    coefficient_budget,
+    kaiming_variance,
+    spectral_locations,
+)
+from selora.spectral_bases.wavelet import (
+    BiorthogonalTransform,
+    CoifletTransform,
+    Daubechies4Transform,
+    HaarTransform,
+    WaveletName,
+    WaveletTransform,
+)
+
+__all__ = [
+    "BiorthogonalTransform",
+    "CoifletTransform",
+    "CosineTransform",
+    "Daubechies4Transform",
+    "FourierTransform",
+    "HaarTransform",
+    "InverseTransform",
+    "SparseSpectrum",
+    "UnknownBasisError",
+    "WaveletName",
+    "WaveletTransform",
+    "basis_name",
+    "coefficient_budget",
+    "get_basis",
+    "kaiming_variance",
+    "list_bases",
+    "register_basis",
+    "spectral_locations",
+    "unregister_basis",
+]

@@ -1,0 +1,265 @@
+r"""The registry of inverse transforms (the *spectral bases*).
+
+A basis is a linear map :math:`T: \mathbb{R}^{m \times n} \to \mathbb{R}^{m \times n}`
+applied to the last two dimensions of a real tensor. Bases are registered by
+name with :func:`register_basis` and built with :func:`get_basis`; the adapters
+only ever see this contract.
+"""
+
+from __future__ import annotations
+
+import abc
+import difflib
+import fnmatch
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "InverseTransform",
+    "register_basis",
+    "unregister_basis",
+    "get_basis",
+    "list_bases",
+    "basis_name",
+    "UnknownBasisError",
+]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class InverseTransform(abc.ABC):
+    r"""Contract of a spectral basis: a real, linear, shape-keeping map.
+
+    Calling a basis on a spectrum ``F`` of shape ``(..., m, n)`` returns
+    :math:`M = T(F)` of the same shape, dtype and device. Subclasses implement
+    :meth:`inverse` and, if they refuse some shapes, :meth:`check_shape`.
+    Low-precision inputs (float16, bfloat16) are transformed in float32 and
+    cast back, because FFTs and some reductions do not take them on every
+    device; float32 and float64 inputs are transformed in their own precision.
+
+    Attributes:
+        name: the registered name, set by :func:`register_basis`.
+        orthonormal: whether :math:`\|T(F)\|_F = \|F\|_F` for all ``F``.
+    """
+
+    name: ClassVar[str] = ""
+    orthonormal: bool = False
+
+    def check_shape(self, m: int, n: int) -> None:  # noqa: B027 - optional hook
+        """Raise ``ValueError`` if this basis cannot transform an ``(m, n)`` matrix.
+
+        Args:
+            m: number of rows.
+            n: number of columns.
+        """
+
+    @abc.abstractmethod
+    def inverse(self, spectrum: Tensor) -> Tensor:
+        """Apply :math:`T` to the last two dimensions of a float32/float64 tensor.
+
+        Args:
+            spectrum: real tensor ``(..., m, n)``; the shape was already checked.
+
+        Returns:
+            Real tensor ``(..., m, n)`` of the same dtype.
+        """
+
+    def __call__(self, spectrum: Tensor) -> Tensor:
+        """Validate ``spectrum`` and return :math:`T(F)` in the input's dtype.
+
+        Args:
+            spectrum: real floating tensor of shape ``(..., m, n)``.
+
+        Returns:
+            :math:`T(F)`, same shape, dtype and device as ``spectrum``.
+
+        Raises:
+            ValueError: if the tensor has fewer than two dimensions, is not a
+                real floating tensor, or has a shape this basis refuses.
+        """
+        if spectrum.ndim < 2:
+            raise ValueError(
+                f"basis {self.label()!r} needs a tensor of shape (..., m, n); "
+                f"got shape {tuple(spectrum.shape)}"
+            )
+        if not spectrum.is_floating_point():
+            raise ValueError(
+                f"basis {self.label()!r} takes a real floating tensor; got dtype {spectrum.dtype}"
+            )
+        m, n = spectrum.shape[-2], spectrum.shape[-1]
+        self.check_shape(m, n)
+        if spectrum.dtype in _LOW_PRECISION:
+            return self.inverse(spectrum.float()).to(spectrum.dtype)
+        return self.inverse(spectrum)
+
+    def label(self) -> str:
+        """Return a human-readable name used in error messages."""
+        return self.name or type(self).__name__
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.label()!r})"
+
+
+class UnknownBasisError(KeyError, ValueError):
+    """Raised by :func:`get_basis` for a name no basis answers to.
+
+    It is both a ``KeyError`` (a failed look-up) and a ``ValueError`` (a bad
+    argument), so either ``except`` clause catches it.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+_T = TypeVar("_T", bound=type[InverseTransform])
+_REGISTRY: dict[str, type[InverseTransform]] = {}
+_Factory = Callable[..., InverseTransform]
+_FALLBACKS: list[Callable[[str], _Factory | None]] = []
+
+
+def register_basis(name: str, *, override: bool = False) -> Callable[[_T], _T]:
+    """Class decorator that registers an :class:`InverseTransform` under ``name``.
+
+    Example:
+        >>> @register_basis("identity")  # doctest: +SKIP
+        ... class Identity(InverseTransform):
+        ...     orthonormal = True
+        ...     def inverse(self, spectrum):
+        ...         return spectrum
+
+    Args:
+        name: the registry key, a non-empty string.
+        override: replace an existing registration of the same name instead
+            of raising.
+
+    Returns:
+        The decorator, which returns the class unchanged but for its ``name``.
+
+    Raises:
+        ValueError: on an empty name, or a duplicate name without ``override``.
+        TypeError: if the decorated object is not an ``InverseTransform`` subclass.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a basis name must be a non-empty string; got {name!r}")
+
+    def decorator(cls: _T) -> _T:
+        if not (isinstance(cls, type) and issubclass(cls, InverseTransform)):
+            raise TypeError(
+                f"register_basis({name!r}) decorates InverseTransform subclasses; got {cls!r}"
+            )
+        if name in _REGISTRY and not override:
+            raise ValueError(
+                f"a basis named {name!r} is already registered ({_REGISTRY[name].__name__}); "
+                "pass override=True to replace it"
+            )
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def unregister_basis(name: str) -> None:
+    """Remove ``name`` from the registry (for tests and interactive work).
+
+    Args:
+        name: a registered basis name.
+
+    Raises:
+        KeyError: if ``name`` is not registered.
+    """
+    if name not in _REGISTRY:
+        raise KeyError(f"no basis named {name!r} is registered")
+    del _REGISTRY[name]
+
+
+def add_fallback(resolver: Callable[[str], Callable[..., InverseTransform] | None]) -> None:
+    """Add a resolver consulted by :func:`get_basis` for names not in the registry.
+
+    The wavelet module uses it so that every PyWavelets discrete wavelet name
+    (``sym8``, ``coif3``, ...) works without registering a hundred classes.
+
+    Args:
+        resolver: returns a factory (a class or a callable taking the
+            basis options) for a name it knows, else ``None``.
+    """
+    _FALLBACKS.append(resolver)
+
+
+def get_basis(name: str, **options: Any) -> InverseTransform:
+    """Build the basis registered as ``name``.
+
+    Args:
+        name: a registered name (see :func:`list_bases`) or any PyWavelets
+            discrete wavelet name.
+        **options: keyword arguments passed to the basis' constructor.
+
+    Returns:
+        A new :class:`InverseTransform` instance.
+
+    Raises:
+        UnknownBasisError: for an unknown name (a ``KeyError`` and a
+            ``ValueError``); the message lists the registered names and
+            suggests the closest one.
+    """
+    factory: _Factory | None = _REGISTRY.get(name)
+    if factory is None:
+        for resolver in _FALLBACKS:
+            factory = resolver(name)
+            if factory is not None:
+                break
+    if factory is None:
+        known = sorted(_REGISTRY)
+        close = difflib.get_close_matches(str(name), known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UnknownBasisError(
+            f"unknown basis {name!r}.{hint} Registered bases: {', '.join(known)}; "
+            "any PyWavelets discrete wavelet name is accepted too."
+        )
+    return factory(**options)
+
+
+def _as_patterns(patterns: str | Iterable[str] | None) -> list[str] | None:
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        return [patterns]
+    return list(patterns)
+
+
+def list_bases(
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+) -> list[str]:
+    """List registered basis names, sorted, filtered by shell-style wildcards.
+
+    Args:
+        include: keep only names matching one of these patterns (``"db*"``).
+        exclude: then drop names matching one of these patterns.
+
+    Returns:
+        The sorted list of names.
+    """
+    names = sorted(_REGISTRY)
+    keep = _as_patterns(include)
+    drop = _as_patterns(exclude)
+    if keep is not None:
+        names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in keep)]
+    if drop is not None:
+        names = [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in drop)]
+    return names
+
+
+def basis_name(basis: InverseTransform | str) -> str:
+    """Return the registry name of a basis given as a name or an instance.
+
+    Args:
+        basis: a name or an :class:`InverseTransform`.
+
+    Returns:
+        The name; an unregistered instance gives its class name.
+    """
+    return basis if isinstance(basis, str) else basis.label()

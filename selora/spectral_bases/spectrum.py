@@ -1,0 +1,291 @@
+"""Sparse spectra: k learnable coefficients at shared locations, mapped to a dense matrix."""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from selora.spectral_bases.registry import InverseTransform, get_basis
+
+__all__ = ["SparseSpectrum", "coefficient_budget", "spectral_locations", "kaiming_variance"]
+
+
+def kaiming_variance(fan_in: int) -> float:
+    r"""Variance of torch's default ``nn.Linear`` weight init for a given fan-in.
+
+    ``nn.Linear`` draws :math:`W_{ij} \sim U(-b, b)` with :math:`b = 1/\sqrt{n}`
+    (Kaiming-uniform with :math:`a = \sqrt 5`), so
+    :math:`\operatorname{Var} W_{ij} = b^2 / 3 = 1 / (3 n)`.
+
+    Args:
+        fan_in: the number of input features ``n``.
+
+    Returns:
+        :math:`1 / (3 n)`.
+    """
+    return 1.0 / (3.0 * fan_in)
+
+
+def coefficient_budget(
+    shape: tuple[int, int], *, sparse_ratio: float | None = None, n_coeffs: int | None = None
+) -> int:
+    r"""Return the number of active coefficients ``k`` of an ``(m, n)`` spectrum.
+
+    Exactly one of the two budgets is given: SeLoRA's sparse ratio
+    :math:`\eta \in [0, 1)` gives :math:`k = \lfloor (1 - \eta) m n \rfloor`;
+    FoRA's fixed count gives :math:`k \in [1, mn]` directly.
+
+    Args:
+        shape: ``(m, n)``, two positive integers.
+        sparse_ratio: fraction of the ``m * n`` positions left out.
+        n_coeffs: number of positions kept.
+
+    Returns:
+        ``k``, at least 1.
+
+    Raises:
+        ValueError: if both or neither budget is given, a value is outside its
+            range, or the ratio leaves no coefficient for this shape.
+    """
+    m, n = _check_shape(shape)
+    total = m * n
+    if (sparse_ratio is None) == (n_coeffs is None):
+        raise ValueError(
+            "give exactly one of sparse_ratio (SeLoRA, in [0, 1)) or n_coeffs (FoRA, in [1, m*n]); "
+            f"got sparse_ratio={sparse_ratio!r}, n_coeffs={n_coeffs!r}"
+        )
+    if sparse_ratio is not None:
+        if isinstance(sparse_ratio, bool) or not isinstance(sparse_ratio, numbers.Real):
+            raise ValueError(f"sparse_ratio must be a real number in [0, 1); got {sparse_ratio!r}")
+        ratio = float(sparse_ratio)
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"sparse_ratio must lie in [0, 1); got {sparse_ratio!r}")
+        k = math.floor((1.0 - ratio) * total)
+        if k < 1:
+            raise ValueError(
+                f"sparse_ratio={sparse_ratio!r} leaves no coefficient of a {m}x{n} matrix "
+                f"(k = floor((1 - ratio) * {total}) = 0); use a ratio below {1 - 1 / total:.6g}"
+            )
+        return k
+    if isinstance(n_coeffs, bool) or not isinstance(n_coeffs, numbers.Integral):
+        raise ValueError(f"n_coeffs must be an integer in [1, {total}]; got {n_coeffs!r}")
+    if not 1 <= int(n_coeffs) <= total:
+        raise ValueError(
+            f"n_coeffs must lie in [1, {total}] for a {m}x{n} matrix; got {n_coeffs!r}"
+        )
+    return int(n_coeffs)
+
+
+def _check_shape(shape: tuple[int, int]) -> tuple[int, int]:
+    if (
+        not isinstance(shape, (tuple, list, torch.Size))
+        or len(shape) != 2
+        or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in shape)
+        or not all(int(s) >= 1 for s in shape)
+    ):
+        raise ValueError(f"shape must be two positive integers (m, n); got {shape!r}")
+    return int(shape[0]), int(shape[1])
+
+
+def _check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or int(seed) < 0:
+        raise ValueError(f"seed must be a non-negative integer; got {seed!r}")
+    return int(seed)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_locations(seed: int, m: int, n: int, k: int) -> Tensor:
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, m, n])))
+    flat = rng.choice(m * n, size=k, replace=False, shuffle=False)
+    return torch.from_numpy(np.sort(flat).astype(np.int64))
+
+
+def spectral_locations(shape: tuple[int, int], k: int, seed: int = 0) -> Tensor:
+    r"""Return the active set :math:`\Omega`: ``k`` distinct flat positions of an ``(m, n)`` grid.
+
+    Positions are drawn without replacement by a NumPy PCG64 generator seeded
+    from ``(seed, m, n)``, so they depend on nothing else: not on torch's global
+    RNG (which they neither read nor advance), not on the process, not on the
+    torch version. Equal ``(seed, shape, k)`` give the same set, which is how
+    every matrix of one shape in a model shares its locations. The flat index
+    ``p`` stands for row ``p // n`` and column ``p % n``.
+
+    Args:
+        shape: ``(m, n)``.
+        k: number of positions, ``1 <= k <= m * n``.
+        seed: a non-negative integer.
+
+    Returns:
+        A sorted int64 tensor of ``k`` distinct indices in ``[0, m * n)``. It is
+        shared between callers: treat it as read-only.
+
+    Raises:
+        ValueError: on a bad shape, ``k`` or seed.
+    """
+    m, n = _check_shape(shape)
+    k = coefficient_budget((m, n), n_coeffs=k)
+    return _cached_locations(_check_seed(seed), m, n, k)
+
+
+class SparseSpectrum(nn.Module):
+    r"""A dense ``(m, n)`` matrix spanned by ``k`` spectral coefficients.
+
+    .. math::
+
+        M = T(F), \qquad F = \operatorname{scatter}(s, \Omega) \in \mathbb{R}^{m \times n},
+
+    where :math:`s \in \mathbb{R}^k` is the only parameter, :math:`\Omega` the
+    shared active set (:func:`spectral_locations`) and :math:`T` the basis.
+    Because :math:`F` is zero off :math:`\Omega`, the gradient of a loss
+    :math:`\ell` is :math:`\partial\ell/\partial s = T^*(\partial\ell/\partial M)|_\Omega`,
+    the adjoint transform read at the active locations, and optimizer state
+    holds ``k`` numbers per state tensor.
+
+    A new spectrum is calibrated like a new ``nn.Linear``: the coefficients are
+    drawn i.i.d. standard normal (from torch's global RNG, or ``generator``) and
+    scaled by one gain :math:`g` such that the entries of :math:`M` have the
+    Kaiming-uniform variance :math:`1 / (3n)`. Since :math:`T` is linear,
+    :math:`\operatorname{Var}(g M) = g^2 \operatorname{Var}(M)`, so
+    :math:`g = \sqrt{(1/3n) / \widehat{\operatorname{Var}}(M)}` from the realised
+    sample. :meth:`reset_zero` sets :math:`s = 0` instead (LoRA's B factor).
+
+    Args:
+        shape: ``(m, n)`` of the dense matrix.
+        basis: a registered basis name or an :class:`InverseTransform`.
+        sparse_ratio: SeLoRA's budget :math:`\eta \in [0, 1)`,
+            :math:`k = \lfloor (1-\eta) m n \rfloor`.
+        n_coeffs: FoRA's budget :math:`k \in [1, mn]`.
+        seed: seeds the locations (with the shape); a non-negative integer.
+        device: where the coefficients live.
+        dtype: the coefficients' dtype (float32 by default).
+
+    Raises:
+        ValueError: on a bad shape, budget or seed, or a shape the basis refuses.
+        UnknownBasisError: on an unknown basis name.
+    """
+
+    indices: Tensor
+
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        basis: str | InverseTransform,
+        *,
+        sparse_ratio: float | None = None,
+        n_coeffs: int | None = None,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        m, n = _check_shape(shape)
+        if isinstance(basis, str):
+            basis = get_basis(basis)
+        elif not isinstance(basis, InverseTransform):
+            raise TypeError(
+                "basis must be a registered name or an InverseTransform; "
+                f"got {type(basis).__name__}"
+            )
+        basis.check_shape(m, n)
+        self.shape = (m, n)
+        self.basis = basis
+        self.seed = _check_seed(seed)
+        k = coefficient_budget((m, n), sparse_ratio=sparse_ratio, n_coeffs=n_coeffs)
+        indices = spectral_locations((m, n), k, self.seed)
+        if device is not None and torch.device(device).type != "cpu":
+            indices = indices.to(device)
+        # Not persistent: the locations follow from (seed, shape, k); checkpoints
+        # store each distinct set once (selora.adapters.io), not once per module.
+        self.register_buffer("indices", indices, persistent=False)
+        self.coefficients = nn.Parameter(
+            torch.empty(k, device=device, dtype=dtype or torch.float32)
+        )
+        self.reset_parameters()
+
+    @property
+    def n_coeffs(self) -> int:
+        """The number ``k`` of active coefficients."""
+        return int(self.coefficients.numel())
+
+    @property
+    def sparse_ratio(self) -> float:
+        """The realised fraction :math:`1 - k / (mn)` of inactive positions."""
+        return 1.0 - self.n_coeffs / (self.shape[0] * self.shape[1])
+
+    def dense_spectrum(self) -> Tensor:
+        r"""Return :math:`F = \operatorname{scatter}(s, \Omega)` as an ``(m, n)`` tensor.
+
+        Returns:
+            The dense spectrum in the coefficients' dtype, zero off :math:`\Omega`.
+        """
+        m, n = self.shape
+        coeffs = self.coefficients
+        flat = coeffs.new_zeros(m * n).scatter(0, self.indices, coeffs)
+        return flat.view(m, n)
+
+    def forward(self, dtype: torch.dtype | None = None) -> Tensor:
+        """Return the dense matrix :math:`M = T(F)`.
+
+        Args:
+            dtype: the output dtype; the coefficients' dtype if ``None``.
+                The transform itself runs in float32 (float64 for float64
+                coefficients) whatever the output dtype.
+
+        Returns:
+            An ``(m, n)`` tensor.
+        """
+        spectrum = self.dense_spectrum()
+        if spectrum.dtype not in (torch.float32, torch.float64):
+            spectrum = spectrum.float()
+        out = self.basis(spectrum)
+        return out.to(dtype or self.coefficients.dtype)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Draw calibrated coefficients (Kaiming variance of the dense matrix).
+
+        Args:
+            generator: draws the coefficients; torch's global RNG if ``None``.
+
+        Raises:
+            ValueError: if the basis maps the drawn spectrum to a constant
+                matrix, so that no gain can reach the target variance.
+        """
+        coeffs = self.coefficients
+        if coeffs.is_meta:
+            return
+        sample = torch.randn(
+            coeffs.shape, generator=generator, dtype=torch.float64, device="cpu"
+        ).to(coeffs.device)
+        # Calibrate in float64: the gain should not depend on the training dtype.
+        flat = sample.new_zeros(self.shape[0] * self.shape[1])
+        matrix = self.basis(
+            flat.scatter(0, self.indices.to(sample.device), sample).view(self.shape)
+        )
+        variance = float(matrix.var(correction=0))
+        if not variance > 0.0 or not math.isfinite(variance):
+            raise ValueError(
+                f"basis {self.basis.label()!r} maps a random spectrum of shape {self.shape} "
+                f"with {self.n_coeffs} coefficients to a matrix of variance {variance}; "
+                "cannot calibrate"
+            )
+        gain = math.sqrt(kaiming_variance(self.shape[1]) / variance)
+        coeffs.copy_(sample * gain)
+
+    @torch.no_grad()
+    def reset_zero(self) -> None:
+        """Set every coefficient to zero, so that :math:`M = 0` (LoRA's B at init)."""
+        self.coefficients.zero_()
+
+    def extra_repr(self) -> str:
+        """Summarise shape, basis, budget and seed for ``repr``."""
+        m, n = self.shape
+        return (
+            f"shape=({m}, {n}), basis={self.basis.label()!r}, "
+            f"n_coeffs={self.n_coeffs}, seed={self.seed}"
+        )

@@ -6,6 +6,25 @@ wavelets) live in :mod:`selora.spectral_bases`; bases of adaptation (LoRA,
 DoRA, HiRA, X-LoRA) in :mod:`selora.adapters`.
 """
 
+from selora.adapters import (
+    AdaptationBase,
+    SpectralAdapter,
+    SpectralLayer,
+    UnknownAdapterBaseError,
+    adapter_layers,
+    disable_adapters,
+    get_adapter_base,
+    inject,
+    list_adapter_bases,
+    merge,
+    parameter_summary,
+    print_trainable_parameters,
+    register_base,
+    trainable_parameters,
+    unload,
+    unmerge,
+    unregister_base,
+)
 from selora.spectral_bases import (
     InverseTransform,
     SparseSpectrum,
@@ -19,12 +38,29 @@ from selora.spectral_bases import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptationBase",
     "InverseTransform",
     "SparseSpectrum",
+    "SpectralAdapter",
+    "SpectralLayer",
+    "UnknownAdapterBaseError",
     "UnknownBasisError",
     "__version__",
+    "adapter_layers",
+    "disable_adapters",
+    "get_adapter_base",
     "get_basis",
+    "inject",
+    "list_adapter_bases",
     "list_bases",
+    "merge",
+    "parameter_summary",
+    "print_trainable_parameters",
+    "register_base",
     "register_basis",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
+    "unregister_base",
     "unregister_basis",
 ]

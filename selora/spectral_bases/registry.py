@@ -9,13 +9,14 @@ only ever see this contract.
 from __future__ import annotations
 
 import abc
-import difflib
 import fnmatch
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
+
+from selora._names import UnknownNameError, unknown_name
 
 __all__ = [
     "InverseTransform",
@@ -103,15 +104,8 @@ class InverseTransform(abc.ABC):
         return f"{type(self).__name__}(name={self.label()!r})"
 
 
-class UnknownBasisError(KeyError, ValueError):
-    """Raised by :func:`get_basis` for a name no basis answers to.
-
-    It is both a ``KeyError`` (a failed look-up) and a ``ValueError`` (a bad
-    argument), so either ``except`` clause catches it.
-    """
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
+class UnknownBasisError(UnknownNameError):
+    """Raised by :func:`get_basis` for an unknown name (a ``KeyError`` and a ``ValueError``)."""
 
 
 _T = TypeVar("_T", bound=type[InverseTransform])
@@ -212,12 +206,10 @@ def get_basis(name: str, **options: Any) -> InverseTransform:
             if factory is not None:
                 break
     if factory is None:
-        known = sorted(_REGISTRY)
-        close = difflib.get_close_matches(str(name), known, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
         raise UnknownBasisError(
-            f"unknown basis {name!r}.{hint} Registered bases: {', '.join(known)}; "
-            "any PyWavelets discrete wavelet name is accepted too."
+            unknown_name(
+                "basis", name, _REGISTRY, "Any PyWavelets discrete wavelet name is accepted too."
+            )
         )
     return factory(**options)
 

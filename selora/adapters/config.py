@@ -1,0 +1,241 @@
+"""``SpectralAdapter``: the frozen, validated description of an adapter."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from selora.spectral_bases import InverseTransform, basis_name, get_basis
+
+__all__ = ["DEFAULT_SPARSE_RATIO", "SpectralAdapter"]
+
+DEFAULT_SPARSE_RATIO = 0.6
+"""Sparse ratio used when a basis is given with neither budget (SeLoRA's usual setting)."""
+
+
+def _fail(field_name: str, message: str) -> ValueError:
+    return ValueError(f"SpectralAdapter.{field_name}: {message}")
+
+
+def _as_names(value: str | Sequence[str] | None, field_name: str) -> str | tuple[str, ...]:
+    if isinstance(value, str):
+        if not value:
+            raise _fail(field_name, "an empty string matches nothing")
+        if value != "all-linear":
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise _fail(
+                    field_name, f"{value!r} is not a valid regular expression: {exc}"
+                ) from None
+        return value
+    if value is None:
+        return ()
+    names = tuple(value)
+    if not all(isinstance(v, str) and v for v in names):
+        raise _fail(field_name, f"expected module names (non-empty strings); got {value!r}")
+    return names
+
+
+@dataclass(frozen=True)
+class SpectralAdapter:
+    r"""A spectral adapter: which basis, which base of adaptation, where and how big.
+
+    Each targeted layer with frozen weight :math:`W_0 \in \mathbb{R}^{d_{out} \times d_{in}}`
+    gets two factors :math:`\tilde A = T(F_A) \in \mathbb{R}^{r \times d_{in}}` and
+    :math:`\tilde B = T(F_B) \in \mathbb{R}^{d_{out} \times r}`, each spanned by
+    ``k`` coefficients (see :class:`selora.SparseSpectrum`); ``base`` says how they
+    adapt :math:`W_0` (``lora``: :math:`W_0 + \tfrac{\alpha}{r}\tilde B\tilde A`,
+    ``dora``, ``hira``, or any registered base). ``basis=None`` gives plain
+    dense factors (vanilla LoRA / DoRA / HiRA) through the same code.
+
+    Args:
+        basis: a registered basis name, an :class:`~selora.InverseTransform`, or
+            ``None`` for dense factors.
+        base: a registered base of adaptation (:func:`selora.list_adapter_bases`).
+        r: the rank, a positive integer.
+        alpha: the scale numerator; the update is scaled by ``alpha / r``.
+            ``None`` means ``alpha = r`` (scale 1). Ignored by bases that use no scale.
+        sparse_ratio: SeLoRA's budget :math:`\eta \in [0, 1)`: each factor keeps
+            :math:`\lfloor (1-\eta)\,\text{size} \rfloor` coefficients.
+        n_coeffs: FoRA's budget: each factor keeps this many coefficients.
+            Give at most one of the two budgets; with a basis and neither,
+            ``sparse_ratio`` defaults to :data:`DEFAULT_SPARSE_RATIO`.
+        target_modules: which modules to adapt. A sequence matches a module whose
+            full name equals an entry or ends with ``"." + entry`` (``"q_proj"``);
+            a string is a regular expression matched against the full name;
+            ``"all-linear"`` takes every ``nn.Linear`` / ``Conv1D`` except a
+            Hugging Face model's output embedding.
+        exclude_modules: names (same matching as a sequence of targets) never adapted.
+        modules_to_save: modules left trainable besides the adapter (a task
+            head); their weights are saved with the adapter.
+        dropout: dropout probability on the adapter's input, in ``[0, 1)``.
+        seed: seeds the spectral locations; a non-negative integer.
+        base_options: options of the base of adaptation, validated by it
+            (for example X-LoRA's number of experts).
+
+    Raises:
+        ValueError: naming the field, for any invalid value or combination.
+    """
+
+    basis: str | InverseTransform | None = "fft"
+    base: str = "lora"
+    r: int = 8
+    alpha: float | None = None
+    sparse_ratio: float | None = None
+    n_coeffs: int | None = None
+    target_modules: str | Sequence[str] = "all-linear"
+    exclude_modules: Sequence[str] = ()
+    modules_to_save: Sequence[str] = ()
+    dropout: float = 0.0
+    seed: int = 0
+    base_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Imported here: the base registry imports this module for its types.
+        from selora.adapters.registry import get_adapter_base
+
+        if self.basis is not None and not isinstance(self.basis, (str, InverseTransform)):
+            raise _fail(
+                "basis", f"expected a name, an InverseTransform or None; got {self.basis!r}"
+            )
+        if isinstance(self.basis, str):
+            try:
+                get_basis(self.basis)
+            except KeyError as exc:
+                raise _fail("basis", str(exc)) from None
+        if not isinstance(self.base, str):
+            raise _fail("base", f"expected a registered name; got {self.base!r}")
+        try:
+            base_cls = get_adapter_base(self.base)
+        except KeyError as exc:
+            raise _fail("base", str(exc)) from None
+        if isinstance(self.r, bool) or not isinstance(self.r, numbers.Integral) or self.r < 1:
+            raise _fail("r", f"the rank must be a positive integer; got {self.r!r}")
+        if self.alpha is not None and (
+            isinstance(self.alpha, bool)
+            or not isinstance(self.alpha, numbers.Real)
+            or not math.isfinite(self.alpha)
+            or self.alpha <= 0
+        ):
+            raise _fail("alpha", f"must be a positive finite number or None; got {self.alpha!r}")
+        self._check_budget()
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real):
+            raise _fail("dropout", f"must be a number in [0, 1); got {self.dropout!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise _fail("dropout", f"must lie in [0, 1); got {self.dropout!r}")
+        if (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, numbers.Integral)
+            or self.seed < 0
+        ):
+            raise _fail("seed", f"must be a non-negative integer; got {self.seed!r}")
+        targets = _as_names(self.target_modules, "target_modules")
+        if targets == ():
+            raise _fail("target_modules", "no module names given")
+        object.__setattr__(self, "target_modules", targets)
+        excluded = _as_names(self.exclude_modules, "exclude_modules")
+        object.__setattr__(
+            self, "exclude_modules", excluded if isinstance(excluded, tuple) else (excluded,)
+        )
+        saved = _as_names(self.modules_to_save, "modules_to_save")
+        object.__setattr__(self, "modules_to_save", saved if isinstance(saved, tuple) else (saved,))
+        if not isinstance(self.base_options, Mapping):
+            raise _fail("base_options", f"expected a mapping; got {self.base_options!r}")
+        options = dict(self.base_options)
+        try:
+            base_cls.validate_options(options)
+        except ValueError as exc:
+            raise _fail("base_options", str(exc)) from None
+        object.__setattr__(self, "base_options", MappingProxyType(options))
+
+    def _check_budget(self) -> None:
+        if self.basis is None:
+            if self.sparse_ratio is not None or self.n_coeffs is not None:
+                raise _fail(
+                    "sparse_ratio" if self.sparse_ratio is not None else "n_coeffs",
+                    "a budget needs a spectral basis; basis=None gives dense factors",
+                )
+            return
+        if self.sparse_ratio is not None and self.n_coeffs is not None:
+            raise _fail(
+                "n_coeffs",
+                "give at most one of sparse_ratio (SeLoRA) and n_coeffs (FoRA); got both",
+            )
+        if self.n_coeffs is not None:
+            if (
+                isinstance(self.n_coeffs, bool)
+                or not isinstance(self.n_coeffs, numbers.Integral)
+                or self.n_coeffs < 1
+            ):
+                raise _fail("n_coeffs", f"must be a positive integer; got {self.n_coeffs!r}")
+            return
+        ratio = DEFAULT_SPARSE_RATIO if self.sparse_ratio is None else self.sparse_ratio
+        if (
+            isinstance(ratio, bool)
+            or not isinstance(ratio, numbers.Real)
+            or not 0.0 <= float(ratio) < 1.0
+        ):
+            raise _fail("sparse_ratio", f"must lie in [0, 1); got {ratio!r}")
+        object.__setattr__(self, "sparse_ratio", float(ratio))
+
+    @property
+    def scaling(self) -> float:
+        r"""The scale :math:`\alpha / r` of the update (1 when ``alpha`` is ``None``)."""
+        return 1.0 if self.alpha is None else float(self.alpha) / self.r
+
+    @property
+    def basis_label(self) -> str | None:
+        """The basis' registry name (``None`` for dense factors)."""
+        return None if self.basis is None else basis_name(self.basis)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-serialisable description (the basis by name).
+
+        Returns:
+            A dict that :meth:`from_dict` turns back into an equal adapter
+            when the basis is a registered name.
+        """
+        return {
+            "basis": self.basis_label,
+            "base": self.base,
+            "r": self.r,
+            "alpha": self.alpha,
+            "sparse_ratio": self.sparse_ratio,
+            "n_coeffs": self.n_coeffs,
+            "target_modules": self.target_modules
+            if isinstance(self.target_modules, str)
+            else list(self.target_modules),
+            "exclude_modules": list(self.exclude_modules),
+            "modules_to_save": list(self.modules_to_save),
+            "dropout": self.dropout,
+            "seed": self.seed,
+            "base_options": dict(self.base_options),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SpectralAdapter:
+        """Build an adapter from :meth:`to_dict`'s output.
+
+        Args:
+            data: the dict; unknown keys raise.
+
+        Returns:
+            The adapter.
+
+        Raises:
+            ValueError: on unknown keys or invalid values.
+        """
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown SpectralAdapter fields: {sorted(unknown)}")
+        values = dict(data)
+        if isinstance(values.get("target_modules"), list):
+            values["target_modules"] = tuple(values["target_modules"])
+        return cls(**values)

@@ -1,0 +1,91 @@
+r"""DoRA: a learned magnitude per output row times the direction of the LoRA-adapted weight."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from selora.adapters.layer import AdapterUnit
+from selora.adapters.lora import delta_weight, low_rank_update
+from selora.adapters.registry import AdaptationBase, register_base
+
+__all__ = ["DoRA"]
+
+
+def _row_norm(weight: Tensor) -> Tensor:
+    norm: Tensor = torch.linalg.vector_norm(weight, dim=1)
+    return norm
+
+
+def _magnitude(unit: AdapterUnit) -> Tensor:
+    magnitude = unit.magnitude
+    assert isinstance(magnitude, Tensor)
+    return magnitude
+
+
+def _merged_norm(unit: AdapterUnit) -> Tensor:
+    norm = unit.merged_norm
+    assert isinstance(norm, Tensor)
+    return norm
+
+
+@register_base("dora")
+class DoRA(AdaptationBase):
+    r"""Weight-decomposed low-rank adaptation (Liu et al., 2024).
+
+    .. math::
+
+        V = W_0 + \frac{\alpha}{r} \tilde B \tilde A, \qquad
+        W = \operatorname{diag}\!\Big(\frac{m}{\lVert V \rVert_{row}}\Big) V,
+
+    with one magnitude :math:`m_i` per output row, initialised to the row norms
+    of :math:`W_0` (so :math:`W = W_0` at init). As in the paper the norm is
+    detached in training, so no gradient flows through it. The forward pass
+    reuses the frozen output: with :math:`g = m / \lVert V \rVert_{row}`,
+
+    .. math::
+
+        y = (W_0 x + b) + (g - 1) \odot W_0 x + g \odot \tfrac{\alpha}{r}\tilde B \tilde A x,
+
+    which equals :math:`W x + b` and is exactly the frozen output at init.
+    The row norm needs :math:`V` densely (as in every DoRA implementation).
+    """
+
+    def setup(self, unit: AdapterUnit, weight0: Tensor) -> None:
+        """Create the magnitude ``unit.magnitude`` at the row norms of :math:`W_0`."""
+        with torch.no_grad():
+            magnitude = _row_norm(weight0.float()) if not weight0.is_meta else weight0[:, 0].float()
+        unit.magnitude = nn.Parameter(magnitude.detach().clone())
+        unit.register_buffer("merged_norm", torch.zeros_like(magnitude), persistent=False)
+
+    def forward(
+        self, unit: AdapterUnit, x: Tensor, base_out: Tensor, weight0: Tensor, bias: Tensor | None
+    ) -> Tensor:
+        """Return the DoRA output from the frozen output (see the class docstring)."""
+        a, b = unit.factors(x.dtype)
+        with torch.no_grad():
+            norm = _row_norm(weight0.float() + delta_weight(unit, a, b))
+        magnitude = _magnitude(unit)
+        gain = (magnitude / norm).to(base_out.dtype)
+        base_no_bias = base_out if bias is None else base_out - bias
+        update = low_rank_update(unit, x, a, b).to(base_out.dtype)
+        return base_out + (gain - 1) * base_no_bias + gain * update
+
+    def merged_weight(self, unit: AdapterUnit, weight0: Tensor) -> Tensor:
+        r"""Return :math:`\operatorname{diag}(m / \lVert V\rVert) V`; remember the norm."""
+        v = weight0 + delta_weight(unit)
+        norm = _row_norm(v)
+        unit.merged_norm = norm.detach().clone()
+        magnitude = _magnitude(unit)
+        return v * (magnitude.float() / norm).unsqueeze(1)
+
+    def unmerged_weight(self, unit: AdapterUnit, weight: Tensor) -> Tensor:
+        r"""Return :math:`W_0 = V - \tfrac{\alpha}{r}\tilde B \tilde A`.
+
+        Row-wise, :math:`V = W \lVert V\rVert / m`.
+
+        The row norms :math:`\lVert V\rVert` were remembered at merge time.
+        """
+        magnitude = _magnitude(unit)
+        v = weight * (_merged_norm(unit) / magnitude.float()).unsqueeze(1)
+        return v - delta_weight(unit)

@@ -1,0 +1,71 @@
+r"""LoRA: :math:`W = W_0 + \tfrac{\alpha}{r} \tilde B \tilde A`."""
+
+from __future__ import annotations
+
+import torch.nn.functional as nnf
+from torch import Tensor
+
+from selora.adapters.layer import AdapterUnit
+from selora.adapters.registry import AdaptationBase, register_base
+
+__all__ = ["LoRA", "delta_weight", "low_rank_update"]
+
+
+def low_rank_update(unit: AdapterUnit, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    r"""Return :math:`\tfrac{\alpha}{r} \tilde B \tilde A\, \mathrm{drop}(x)`, no dense matrix.
+
+    The input goes through :math:`\tilde A` then :math:`\tilde B`, so neither the
+    forward nor the backward pass holds a :math:`d_{out} \times d_{in}` tensor.
+
+    Args:
+        unit: the adapter unit (dropout and scale).
+        x: input ``(..., d_in)``.
+        a: :math:`\tilde A` ``(r, d_in)`` in ``x``'s dtype.
+        b: :math:`\tilde B` ``(d_out, r)`` in ``x``'s dtype.
+
+    Returns:
+        ``(..., d_out)``.
+    """
+    return nnf.linear(nnf.linear(unit.dropout(x), a), b) * unit.scaling
+
+
+def delta_weight(unit: AdapterUnit, a: Tensor | None = None, b: Tensor | None = None) -> Tensor:
+    r"""Return the dense update :math:`\tfrac{\alpha}{r} \tilde B \tilde A` in float32.
+
+    Args:
+        unit: the adapter unit.
+        a: :math:`\tilde A` if already formed (it is formed from the unit otherwise).
+        b: :math:`\tilde B` likewise.
+
+    Returns:
+        ``(d_out, d_in)`` in float32.
+    """
+    a = unit.lora_A(None) if a is None else a
+    b = unit.lora_B(None) if b is None else b
+    return (b.float() @ a.float()) * unit.scaling
+
+
+@register_base("lora")
+class LoRA(AdaptationBase):
+    r"""Low-rank adaptation (Hu et al., 2021) with spectral or dense factors.
+
+    .. math::
+
+        y = W_0 x + b + \frac{\alpha}{r} \tilde B \tilde A x, \qquad
+        W_{merged} = W_0 + \frac{\alpha}{r} \tilde B \tilde A.
+    """
+
+    def forward(
+        self, unit: AdapterUnit, x: Tensor, base_out: Tensor, weight0: Tensor, bias: Tensor | None
+    ) -> Tensor:
+        """Add the low-rank update to the frozen output (see :func:`low_rank_update`)."""
+        a, b = unit.factors(x.dtype)
+        return base_out + low_rank_update(unit, x, a, b).to(base_out.dtype)
+
+    def merged_weight(self, unit: AdapterUnit, weight0: Tensor) -> Tensor:
+        r"""Return :math:`W_0 + \tfrac{\alpha}{r} \tilde B \tilde A`."""
+        return weight0 + delta_weight(unit)
+
+    def unmerged_weight(self, unit: AdapterUnit, weight: Tensor) -> Tensor:
+        r"""Return :math:`W - \tfrac{\alpha}{r} \tilde B \tilde A`."""
+        return weight - delta_weight(unit)

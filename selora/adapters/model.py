@@ -1,0 +1,265 @@
+"""Adapting a whole model: inject, merge, unmerge, unload and parameter counts."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+from torch import nn
+
+from selora.adapters.config import SpectralAdapter
+from selora.adapters.layer import SpectralLayer, is_supported_layer
+from selora.adapters.registry import get_adapter_base
+
+__all__ = [
+    "adapter_config",
+    "adapter_layers",
+    "disable_adapters",
+    "inject",
+    "merge",
+    "parameter_summary",
+    "print_trainable_parameters",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
+]
+
+_CONFIG_ATTR = "selora_adapter"
+
+
+def _name_matches(name: str, names: tuple[str, ...]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in names)
+
+
+def _output_embedding_names(model: nn.Module) -> set[str]:
+    getter = getattr(model, "get_output_embeddings", None)
+    if getter is None:
+        return set()
+    head = getter()
+    return {name for name, module in model.named_modules() if head is not None and module is head}
+
+
+def _is_target(name: str, adapter: SpectralAdapter, skip: set[str], module: nn.Module) -> bool:
+    targets = adapter.target_modules
+    if name in skip or _name_matches(name, tuple(adapter.exclude_modules)):
+        return False
+    if targets == "all-linear":
+        return is_supported_layer(module)
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return _name_matches(name, tuple(targets))
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def inject(model: nn.Module, adapter: SpectralAdapter) -> nn.Module:
+    """Wrap every targeted layer of ``model`` in place and freeze everything else.
+
+    Every parameter of the model is frozen, each targeted ``nn.Linear`` /
+    ``Conv1D`` is replaced by the base's wrapper (a :class:`SpectralLayer`),
+    and the modules named in ``adapter.modules_to_save`` are made trainable.
+    The adapter is remembered on the model for :func:`selora.save_adapter`.
+
+    Args:
+        model: any PyTorch model, Hugging Face models included.
+        adapter: the adapter description.
+
+    Returns:
+        ``model`` itself, adapted.
+
+    Raises:
+        ValueError: if the model already holds a selora adapter, if no module
+            matches the targets (the message lists the candidate layers seen),
+            or a ``modules_to_save`` name matches nothing.
+        TypeError: if a matched module is of an unsupported type.
+    """
+    if any(isinstance(m, SpectralLayer) for m in model.modules()) or hasattr(model, _CONFIG_ATTR):
+        raise ValueError("this model already holds a selora adapter; unload() it first")
+    skip = _output_embedding_names(model) if adapter.target_modules == "all-linear" else set()
+    matched = [
+        (name, module)
+        for name, module in model.named_modules()
+        if name and _is_target(name, adapter, skip, module)
+    ]
+    if not matched:
+        seen = [name for name, module in model.named_modules() if is_supported_layer(module)]
+        shown = ", ".join(seen[:40]) + (f", ... ({len(seen)} in all)" if len(seen) > 40 else "")
+        raise ValueError(
+            f"target_modules={adapter.target_modules!r} matches no module of "
+            f"{type(model).__name__}; its linear layers are: {shown or 'none'}"
+        )
+    for name, module in matched:
+        if not is_supported_layer(module):
+            raise TypeError(
+                f"target {name!r} is a {type(module).__name__}; selora adapts nn.Linear "
+                "and transformers' Conv1D (narrow target_modules)"
+            )
+    saved = []
+    for wanted in adapter.modules_to_save:
+        found = [m for name, m in model.named_modules() if name and _name_matches(name, (wanted,))]
+        if not found:
+            raise ValueError(f"modules_to_save entry {wanted!r} matches no module")
+        saved.extend(found)
+    base = get_adapter_base(adapter.base)()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module in matched:
+        _set_submodule(model, name, base.wrap(name, module, adapter))
+    for module in saved:
+        for p in module.parameters():
+            p.requires_grad_(True)
+    setattr(model, _CONFIG_ATTR, adapter)
+    base.prepare_model(model, adapter)
+    return model
+
+
+def adapter_config(model: nn.Module) -> SpectralAdapter:
+    """Return the adapter :func:`inject` put on ``model``.
+
+    Args:
+        model: an adapted model.
+
+    Returns:
+        The adapter description.
+
+    Raises:
+        ValueError: if the model holds no selora adapter.
+    """
+    adapter = getattr(model, _CONFIG_ATTR, None)
+    if not isinstance(adapter, SpectralAdapter):
+        raise ValueError(f"{type(model).__name__} holds no selora adapter (call inject first)")
+    return adapter
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, SpectralLayer]]:
+    """Yield ``(name, layer)`` for every :class:`SpectralLayer` of ``model``.
+
+    Args:
+        model: an adapted model.
+
+    Yields:
+        The layers in module order.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, SpectralLayer):
+            yield name, module
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its frozen weight; inference then costs what the base model costs.
+
+    Args:
+        model: an adapted model.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        RuntimeError: if a base of adaptation cannot be merged (X-LoRA).
+    """
+    for _, layer in adapter_layers(model):
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge`, restoring each frozen weight.
+
+    Args:
+        model: an adapted model.
+
+    Returns:
+        ``model``.
+    """
+    for _, layer in adapter_layers(model):
+        layer.unmerge()
+    return model
+
+
+def unload(model: nn.Module, *, merge_weights: bool = True) -> nn.Module:
+    """Put plain layers back, with the adapters merged into them (or dropped).
+
+    Args:
+        model: an adapted model.
+        merge_weights: merge each adapter first (``False`` restores the base model).
+
+    Returns:
+        ``model`` with no selora module left in it.
+    """
+    for name, layer in list(adapter_layers(model)):
+        if merge_weights:
+            layer.merge()
+        else:
+            layer.unmerge()
+        _set_submodule(model, name, layer.base_layer)
+    for module in model.modules():
+        unload_hook = getattr(module, "selora_unload", None)
+        if callable(unload_hook):
+            unload_hook()
+    if hasattr(model, _CONFIG_ATTR):
+        delattr(model, _CONFIG_ATTR)
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` as its base model inside the block (adapters contribute nothing).
+
+    Args:
+        model: an adapted model.
+
+    Yields:
+        ``model``.
+    """
+    layers = [layer for _, layer in adapter_layers(model)]
+    before = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, state in zip(layers, before, strict=True):
+            layer.disabled = state
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """Count the parameters that will be trained (``requires_grad``), shared ones once.
+
+    Args:
+        model: any model.
+
+    Returns:
+        The count.
+    """
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def parameter_summary(model: nn.Module) -> str:
+    """Return PEFT's one-line summary: trainable, all, and the trainable percentage.
+
+    Args:
+        model: any model.
+
+    Returns:
+        ``"trainable params: T || all params: N || trainable%: P"``.
+    """
+    trainable = trainable_parameters(model)
+    total = sum(p.numel() for p in model.parameters())
+    percent = 100.0 * trainable / total if total else 0.0
+    return (
+        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}"
+    )
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print :func:`parameter_summary` (as PEFT's ``print_trainable_parameters``).
+
+    Args:
+        model: any model.
+    """
+    print(parameter_summary(model))

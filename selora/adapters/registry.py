@@ -1,0 +1,217 @@
+r"""The registry of bases of adaptation (LoRA, DoRA, HiRA, ...).
+
+A base of adaptation says how the two factors :math:`\tilde A`, :math:`\tilde B`
+of an :class:`AdapterUnit` change the output of a frozen layer. Each is a
+subclass of :class:`AdaptationBase` registered once with :func:`register_base`;
+the layers, the injection and the checkpoints reach it only through this
+registry, so a user-registered base works like a built-in one.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+from torch import Tensor, nn
+
+from selora._names import UnknownNameError, unknown_name
+
+if TYPE_CHECKING:
+    from selora.adapters.config import SpectralAdapter
+    from selora.adapters.layer import AdapterUnit
+
+__all__ = [
+    "AdaptationBase",
+    "UnknownAdapterBaseError",
+    "get_adapter_base",
+    "list_adapter_bases",
+    "register_base",
+    "unregister_base",
+]
+
+
+class UnknownAdapterBaseError(UnknownNameError):
+    """Raised for a base of adaptation nobody registered (a ``KeyError`` and a ``ValueError``)."""
+
+
+class AdaptationBase(abc.ABC):
+    r"""Contract of a base of adaptation.
+
+    A base is stateless: its parameters beyond the two factors (a DoRA
+    magnitude, say) are created by :meth:`setup` on the :class:`AdapterUnit`,
+    where checkpoints and optimizers find them.
+
+    Attributes:
+        name: the registered name, set by :func:`register_base`.
+        mergeable: whether the update can be folded into :math:`W_0`.
+    """
+
+    name: ClassVar[str] = ""
+    mergeable: ClassVar[bool] = True
+
+    @classmethod
+    def validate_options(cls, options: dict[str, Any]) -> None:
+        """Check (and may fill in defaults of) ``SpectralAdapter.base_options``.
+
+        Args:
+            options: a mutable copy of the options.
+
+        Raises:
+            ValueError: on an option this base does not take or a bad value.
+        """
+        if options:
+            raise ValueError(f"base {cls.name!r} takes no options; got {sorted(options)}")
+
+    def setup(self, unit: AdapterUnit, weight0: Tensor) -> None:  # noqa: B027 - optional hook
+        """Create extra parameters or buffers on ``unit`` (none by default).
+
+        Args:
+            unit: the adapter unit being built; its factors exist already.
+            weight0: the frozen weight :math:`W_0`, ``(d_out, d_in)``.
+        """
+
+    @abc.abstractmethod
+    def forward(
+        self, unit: AdapterUnit, x: Tensor, base_out: Tensor, weight0: Tensor, bias: Tensor | None
+    ) -> Tensor:
+        """Return the adapted output given the frozen layer's output.
+
+        Args:
+            unit: the adapter unit (factors, scaling, dropout, extras).
+            x: the layer input ``(..., d_in)``.
+            base_out: the frozen layer's output :math:`W_0 x + b`, ``(..., d_out)``.
+            weight0: :math:`W_0`, ``(d_out, d_in)``.
+            bias: :math:`b` or ``None``.
+
+        Returns:
+            The adapted output, ``(..., d_out)``.
+        """
+
+    @abc.abstractmethod
+    def merged_weight(self, unit: AdapterUnit, weight0: Tensor) -> Tensor:
+        """Return the adapted weight :math:`W` that replaces :math:`W_0` on merge.
+
+        Args:
+            unit: the adapter unit.
+            weight0: :math:`W_0` in float32, ``(d_out, d_in)``.
+
+        Returns:
+            :math:`W` in float32.
+        """
+
+    @abc.abstractmethod
+    def unmerged_weight(self, unit: AdapterUnit, weight: Tensor) -> Tensor:
+        """Invert :meth:`merged_weight`: recover :math:`W_0` from the merged weight.
+
+        Args:
+            unit: the adapter unit, unchanged since the merge.
+            weight: the merged weight in float32.
+
+        Returns:
+            :math:`W_0` in float32.
+        """
+
+    def wrap(self, name: str, module: nn.Module, adapter: SpectralAdapter) -> nn.Module:
+        """Return the module that replaces a targeted layer (a :class:`SpectralLayer`).
+
+        Bases with a different per-layer structure (several experts) override it.
+
+        Args:
+            name: the module's full name in the model (for error messages).
+            module: the targeted ``nn.Linear`` or ``Conv1D``.
+            adapter: the adapter description.
+
+        Returns:
+            The wrapping module.
+        """
+        from selora.adapters.layer import SpectralLayer
+
+        return SpectralLayer(module, adapter, name=name)
+
+    def prepare_model(self, model: nn.Module, adapter: SpectralAdapter) -> None:  # noqa: B027
+        """Hook called once after every target was wrapped (model-level extras).
+
+        Args:
+            model: the adapted model.
+            adapter: the adapter description.
+        """
+
+
+_B = TypeVar("_B", bound=type[AdaptationBase])
+_REGISTRY: dict[str, type[AdaptationBase]] = {}
+
+
+def register_base(name: str, *, override: bool = False) -> Callable[[_B], _B]:
+    """Class decorator that registers an :class:`AdaptationBase` under ``name``.
+
+    Args:
+        name: the registry key (``SpectralAdapter(base=name)``).
+        override: replace an existing registration instead of raising.
+
+    Returns:
+        The decorator, which returns the class with its ``name`` set.
+
+    Raises:
+        ValueError: on an empty or duplicate name (without ``override``).
+        TypeError: if the decorated object is not an ``AdaptationBase`` subclass.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a base name must be a non-empty string; got {name!r}")
+
+    def decorator(cls: _B) -> _B:
+        if not (isinstance(cls, type) and issubclass(cls, AdaptationBase)):
+            raise TypeError(
+                f"register_base({name!r}) decorates AdaptationBase subclasses; got {cls!r}"
+            )
+        if name in _REGISTRY and not override:
+            raise ValueError(
+                f"a base of adaptation named {name!r} is already registered "
+                f"({_REGISTRY[name].__name__}); pass override=True to replace it"
+            )
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def unregister_base(name: str) -> None:
+    """Remove a base of adaptation from the registry.
+
+    Args:
+        name: a registered name.
+
+    Raises:
+        KeyError: if ``name`` is not registered.
+    """
+    if name not in _REGISTRY:
+        raise KeyError(f"no base of adaptation named {name!r} is registered")
+    del _REGISTRY[name]
+
+
+def get_adapter_base(name: str) -> type[AdaptationBase]:
+    """Return the class registered as ``name``.
+
+    Args:
+        name: a registered base of adaptation.
+
+    Returns:
+        The class (instantiate it with no arguments).
+
+    Raises:
+        UnknownAdapterBaseError: for an unknown name (a ``KeyError`` and a
+            ``ValueError``), listing the known ones and the closest.
+    """
+    if name not in _REGISTRY:
+        raise UnknownAdapterBaseError(unknown_name("base of adaptation", name, _REGISTRY))
+    return _REGISTRY[name]
+
+
+def list_adapter_bases() -> list[str]:
+    """List the registered bases of adaptation, sorted.
+
+    Returns:
+        The names.
+    """
+    return sorted(_REGISTRY)

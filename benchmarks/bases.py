@@ -1,0 +1,183 @@
+"""Time forward + backward of every spectral basis through a SparseSpectrum.
+
+For each shape, every basis builds a float32 ``SparseSpectrum`` (sparse ratio
+0.6 by default) and one step is ``spectrum().backward(upstream)``: scatter,
+inverse transform, and the adjoint back to the ``k`` coefficients. Bases are
+interleaved within each repeat (in a rotating order, so none always runs
+first), and the median over repeats is reported, with ratios to ``fft``.
+
+For comparison, ptwt's route for one wavelet is timed the same way: circular
+padding of the four quadrants, ``ptwt.waverec2``, centre crop (which gives the
+periodized transform exactly, see tests/spectral_bases/test_basis_oracles.py).
+
+Run from the repository root::
+
+    python benchmarks/bases.py
+    python benchmarks/bases.py --shapes 32x4096 4096x32 --repeats 30 --json bases.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pywt
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from selora.spectral_bases import SparseSpectrum, list_bases
+
+Step = Callable[[], None]
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    try:
+        m, n = (int(part) for part in text.lower().split("x"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"shape must look like 32x4096; got {text!r}") from exc
+    return m, n
+
+
+def ptwt_periodized(spectrum: Tensor, wavelet: str) -> Tensor:
+    """Periodized one-level inverse DWT through ptwt (pad circularly, waverec2, crop)."""
+    import ptwt
+
+    m, n = spectrum.shape[-2:]
+    hm, hn = m // 2, n // 2
+    taps = pywt.Wavelet(wavelet).dec_len
+    pad = -(-taps // 4)
+    crop = 2 * pad - taps // 2 + 1
+
+    def wrap(band: Tensor) -> Tensor:
+        rows = torch.arange(-pad, band.shape[-2] + pad) % band.shape[-2]
+        cols = torch.arange(-pad, band.shape[-1] + pad) % band.shape[-1]
+        return band[..., rows, :][..., cols]
+
+    a, h = spectrum[..., :hm, :hn], spectrum[..., :hm, hn:]
+    v, d = spectrum[..., hm:, :hn], spectrum[..., hm:, hn:]
+    out: Tensor = ptwt.waverec2((wrap(a), (wrap(h), wrap(v), wrap(d))), pywt.Wavelet(wavelet))
+    return out[..., crop : crop + m, crop : crop + n]
+
+
+def make_step(spectrum: SparseSpectrum, upstream: Tensor, route: str | None = None) -> Step:
+    def step() -> None:
+        spectrum.coefficients.grad = None
+        out = spectrum() if route is None else ptwt_periodized(spectrum.dense_spectrum(), route)
+        out.backward(upstream)
+
+    return step
+
+
+def time_steps(steps: dict[str, Step], repeats: int, warmup: int, number: int) -> dict[str, float]:
+    """Median seconds per step of each entry, interleaved across repeats."""
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(repeats):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            for _ in range(number):
+                steps[name]()
+            samples[name].append((time.perf_counter() - start) / number)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        type=parse_shape,
+        default=[(32, 4096), (4096, 32)],
+        help="spectrum shapes as MxN (default: 32x4096 4096x32)",
+    )
+    parser.add_argument("--repeats", type=int, default=21, help="timed repeats (median)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    parser.add_argument("--number", type=int, default=5, help="steps per timed sample")
+    parser.add_argument(
+        "--bases", nargs="+", default=None, help="basis names (default: list_bases())"
+    )
+    parser.add_argument("--sparse-ratio", type=float, default=0.6)
+    parser.add_argument(
+        "--ptwt",
+        default="db4",
+        metavar="WAVELET",
+        help="also time ptwt's waverec2 route for this wavelet ('' to skip)",
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    bases = args.bases or list_bases()
+    if "fft" not in bases:
+        bases = ["fft", *bases]
+    torch.manual_seed(0)
+
+    results: dict[str, dict[str, float]] = {}
+    labels: list[str] = []
+    for m, n in args.shapes:
+        steps: dict[str, Step] = {}
+        upstream = torch.randn(m, n)
+        for name in bases:
+            spectrum = SparseSpectrum((m, n), name, sparse_ratio=args.sparse_ratio)
+            steps[name] = make_step(spectrum, upstream)
+        if args.ptwt:
+            spectrum = SparseSpectrum((m, n), args.ptwt, sparse_ratio=args.sparse_ratio)
+            steps[f"ptwt:{args.ptwt}"] = make_step(spectrum, upstream, route=args.ptwt)
+        medians = time_steps(steps, args.repeats, args.warmup, args.number)
+        results[f"{m}x{n}"] = medians
+        labels = list(steps)
+
+    shape_keys = list(results)
+    header = f"{'basis':<12}" + "".join(f"{k + ' ms':>14}{'/fft':>8}" for k in shape_keys)
+    print(
+        f"forward+backward of SparseSpectrum (float32, sparse_ratio={args.sparse_ratio}), "
+        f"median of {args.repeats} x {args.number} steps, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}"
+    )
+    print(header)
+    print("-" * len(header))
+    for label in labels:
+        row = f"{label:<12}"
+        for key in shape_keys:
+            seconds = results[key][label]
+            row += f"{seconds * 1e3:>14.3f}{seconds / results[key]['fft']:>8.2f}"
+        print(row)
+
+    if args.json is not None:
+        payload = {
+            "benchmark": "spectral bases, forward+backward through SparseSpectrum",
+            "sparse_ratio": args.sparse_ratio,
+            "dtype": "float32",
+            "repeats": args.repeats,
+            "number": args.number,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "seconds": results,
+            "ratio_to_fft": {
+                key: {label: value / row["fft"] for label, value in row.items()}
+                for key, row in results.items()
+            },
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 from selora.spectral_bases import InverseTransform, basis_name, get_basis
@@ -16,6 +15,34 @@ __all__ = ["DEFAULT_SPARSE_RATIO", "SpectralAdapter"]
 
 DEFAULT_SPARSE_RATIO = 0.6
 """Sparse ratio used when a basis is given with neither budget (SeLoRA's usual setting)."""
+
+
+class _FrozenOptions(Mapping[str, Any]):
+    """A read-only mapping for ``base_options``.
+
+    Unlike ``MappingProxyType`` it can be copied and pickled, so adapted models
+    survive ``copy.deepcopy`` and ``torch.save``.
+    """
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self._data = dict(data)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return repr(self._data)
+
+    def __reduce__(self) -> tuple[type[_FrozenOptions], tuple[dict[str, Any]]]:
+        return (type(self), (self._data,))
 
 
 def _fail(field_name: str, message: str) -> ValueError:
@@ -152,7 +179,7 @@ class SpectralAdapter:
             base_cls.validate_options(options)
         except ValueError as exc:
             raise _fail("base_options", str(exc)) from None
-        object.__setattr__(self, "base_options", MappingProxyType(options))
+        object.__setattr__(self, "base_options", _FrozenOptions(options))
 
     def _check_budget(self) -> None:
         if self.basis is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from selora.adapters.layer import AdapterUnit
+from selora.adapters.layer import AdapterUnit, compute_dtype
 from selora.adapters.lora import delta_weight, low_rank_update
 from selora.adapters.registry import AdaptationBase, register_base
 
@@ -49,12 +49,20 @@ class DoRA(AdaptationBase):
 
     which equals :math:`W x + b` and is exactly the frozen output at init.
     The row norm needs :math:`V` densely (as in every DoRA implementation).
+    Dropout, if any, acts on the input of the low-rank term only, so in
+    training :math:`y = g \odot (W_0 x + \tfrac{\alpha}{r}\tilde B \tilde A\,
+    \mathrm{drop}(x)) + b`; Hugging Face PEFT also feeds :math:`\mathrm{drop}(x)`
+    to the :math:`(g - 1) \odot W_0 x` term (one more full matmul). The two
+    agree without dropout and in eval mode.
     """
 
     def setup(self, unit: AdapterUnit, weight0: Tensor) -> None:
         """Create the magnitude ``unit.magnitude`` at the row norms of :math:`W_0`."""
+        dtype = compute_dtype(weight0.dtype)
         with torch.no_grad():
-            magnitude = _row_norm(weight0.float()) if not weight0.is_meta else weight0[:, 0].float()
+            magnitude = (
+                _row_norm(weight0.to(dtype)) if not weight0.is_meta else weight0[:, 0].to(dtype)
+            )
         unit.magnitude = nn.Parameter(magnitude.detach().clone())
         unit.register_buffer("merged_norm", torch.zeros_like(magnitude), persistent=False)
 
@@ -64,7 +72,8 @@ class DoRA(AdaptationBase):
         """Return the DoRA output from the frozen output (see the class docstring)."""
         a, b = unit.factors(x.dtype)
         with torch.no_grad():
-            norm = _row_norm(weight0.float() + delta_weight(unit, a, b))
+            delta = delta_weight(unit, a, b)
+            norm = _row_norm(weight0.to(compute_dtype(weight0.dtype)).to(delta.dtype) + delta)
         magnitude = _magnitude(unit)
         gain = (magnitude / norm).to(base_out.dtype)
         base_no_bias = base_out if bias is None else base_out - bias
@@ -77,7 +86,7 @@ class DoRA(AdaptationBase):
         norm = _row_norm(v)
         unit.merged_norm = norm.detach().clone()
         magnitude = _magnitude(unit)
-        return v * (magnitude.float() / norm).unsqueeze(1)
+        return v * (magnitude.to(v.dtype) / norm).unsqueeze(1)
 
     def unmerged_weight(self, unit: AdapterUnit, weight: Tensor) -> Tensor:
         r"""Return :math:`W_0 = V - \tfrac{\alpha}{r}\tilde B \tilde A`.
@@ -87,5 +96,5 @@ class DoRA(AdaptationBase):
         The row norms :math:`\lVert V\rVert` were remembered at merge time.
         """
         magnitude = _magnitude(unit)
-        v = weight * (_merged_norm(unit) / magnitude.float()).unsqueeze(1)
+        v = weight * (_merged_norm(unit).to(weight.dtype) / magnitude.to(weight.dtype)).unsqueeze(1)
         return v - delta_weight(unit)

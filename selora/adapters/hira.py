@@ -2,6 +2,7 @@ r"""HiRA: a Hadamard high-rank update :math:`W = W_0 + W_0 \odot (\tilde B \tild
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as nnf
 from torch import Tensor
 
@@ -36,7 +37,9 @@ class HiRA(AdaptationBase):
         return out
 
     def _product(self, unit: AdapterUnit) -> Tensor:
-        product: Tensor = unit.lora_B(None).float() @ unit.lora_A(None).float()
+        a, b = unit.lora_A(None), unit.lora_B(None)
+        dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+        product: Tensor = b.to(dtype) @ a.to(dtype)
         return product
 
     def merged_weight(self, unit: AdapterUnit, weight0: Tensor) -> Tensor:

@@ -19,7 +19,29 @@ from selora.adapters.config import SpectralAdapter
 from selora.adapters.registry import AdaptationBase, get_adapter_base
 from selora.spectral_bases import SparseSpectrum, get_basis
 
-__all__ = ["AdapterUnit", "DenseFactor", "SpectralLayer", "frozen_weight", "is_supported_layer"]
+__all__ = [
+    "AdapterUnit",
+    "DenseFactor",
+    "SpectralLayer",
+    "compute_dtype",
+    "frozen_weight",
+    "is_supported_layer",
+]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Return the dtype adapter arithmetic runs in for a layer of ``dtype``.
+
+    float64 layers compute (and keep their adapter parameters) in float64;
+    every other dtype (float32, bfloat16, float16) in float32.
+
+    Args:
+        dtype: the frozen layer's dtype.
+
+    Returns:
+        ``torch.float64`` or ``torch.float32``.
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _conv1d_type() -> type[nn.Module] | None:
@@ -116,6 +138,7 @@ def make_factor(
     adapter: SpectralAdapter,
     *,
     device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Factor:
     """Build one factor of ``adapter``: a :class:`~selora.SparseSpectrum` or a dense one.
 
@@ -123,12 +146,13 @@ def make_factor(
         shape: ``(m, n)`` of the factor.
         adapter: gives the basis, the budget and the seed.
         device: where the parameters live.
+        dtype: the parameters' dtype (float32 if ``None``).
 
     Returns:
         The factor, calibrated (Kaiming variance).
     """
     if adapter.basis is None:
-        return DenseFactor(shape, device=device)
+        return DenseFactor(shape, device=device, dtype=dtype)
     basis = get_basis(adapter.basis) if isinstance(adapter.basis, str) else adapter.basis
     return SparseSpectrum(
         shape,
@@ -137,6 +161,7 @@ def make_factor(
         n_coeffs=adapter.n_coeffs,
         seed=adapter.seed,
         device=device,
+        dtype=dtype,
     )
 
 
@@ -144,7 +169,9 @@ class AdapterUnit(nn.Module):
     r"""One adapter on one layer: :math:`\tilde A` ``(r, d_in)``, :math:`\tilde B` ``(d_out, r)``.
 
     :math:`\tilde A` is calibrated and :math:`\tilde B` starts at zero, so an
-    adapted model equals its base model at init. Under ``eval()`` and
+    adapted model equals its base model at init. The parameters are float32
+    (float64 when :math:`W_0` is float64, see :func:`compute_dtype`), whatever
+    the layer's compute dtype. Under ``eval()`` and
     ``torch.no_grad()`` the factors are formed once and cached; the cache is
     keyed on the version counters of the unit's parameters, so any in-place
     change (an optimizer step, ``load_state_dict``) or ``train()`` drops it.
@@ -168,8 +195,13 @@ class AdapterUnit(nn.Module):
         self.base: AdaptationBase = get_adapter_base(adapter.base)()
         self.scaling = adapter.scaling
         device = weight0.device
-        self.lora_A: Factor = make_factor((adapter.r, in_features), adapter, device=device)
-        self.lora_B: Factor = make_factor((out_features, adapter.r), adapter, device=device)
+        dtype = compute_dtype(weight0.dtype)
+        self.lora_A: Factor = make_factor(
+            (adapter.r, in_features), adapter, device=device, dtype=dtype
+        )
+        self.lora_B: Factor = make_factor(
+            (out_features, adapter.r), adapter, device=device, dtype=dtype
+        )
         self.lora_B.reset_zero()
         self.dropout: nn.Module = nn.Dropout(adapter.dropout) if adapter.dropout else nn.Identity()
         self._cache: tuple[tuple[Any, ...], Tensor, Tensor] | None = None
@@ -280,7 +312,9 @@ class SpectralLayer(nn.Module):
                 f"{self.name or 'this layer'}: base {self.adapter.adapter.base!r} cannot be merged"
             )
         weight0 = frozen_weight(self.base_layer)
-        merged = self.adapter.base.merged_weight(self.adapter, weight0.float())
+        merged = self.adapter.base.merged_weight(
+            self.adapter, weight0.to(compute_dtype(weight0.dtype))
+        )
         weight0.copy_(merged.to(weight0.dtype))
         self.merged = True
 
@@ -290,7 +324,9 @@ class SpectralLayer(nn.Module):
         if not self.merged:
             return
         weight = frozen_weight(self.base_layer)
-        restored = self.adapter.base.unmerged_weight(self.adapter, weight.float())
+        restored = self.adapter.base.unmerged_weight(
+            self.adapter, weight.to(compute_dtype(weight.dtype))
+        )
         weight.copy_(restored.to(weight.dtype))
         self.merged = False
 

@@ -2,6 +2,7 @@ r"""LoRA: :math:`W = W_0 + \tfrac{\alpha}{r} \tilde B \tilde A`."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as nnf
 from torch import Tensor
 
@@ -30,7 +31,7 @@ def low_rank_update(unit: AdapterUnit, x: Tensor, a: Tensor, b: Tensor) -> Tenso
 
 
 def delta_weight(unit: AdapterUnit, a: Tensor | None = None, b: Tensor | None = None) -> Tensor:
-    r"""Return the dense update :math:`\tfrac{\alpha}{r} \tilde B \tilde A` in float32.
+    r"""Return the dense update :math:`\tfrac{\alpha}{r} \tilde B \tilde A` in float32 (or float64).
 
     Args:
         unit: the adapter unit.
@@ -38,11 +39,12 @@ def delta_weight(unit: AdapterUnit, a: Tensor | None = None, b: Tensor | None = 
         b: :math:`\tilde B` likewise.
 
     Returns:
-        ``(d_out, d_in)`` in float32.
+        ``(d_out, d_in)`` in float32, or float64 if a factor is float64.
     """
     a = unit.lora_A(None) if a is None else a
     b = unit.lora_B(None) if b is None else b
-    return (b.float() @ a.float()) * unit.scaling
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    return (b.to(dtype) @ a.to(dtype)) * unit.scaling
 
 
 @register_base("lora")

@@ -51,6 +51,11 @@ def _is_target(name: str, adapter: SpectralAdapter, skip: set[str], module: nn.M
     return _name_matches(name, tuple(targets))
 
 
+def _restore_grad_flags(flags: list[tuple[nn.Parameter, bool]]) -> None:
+    for p, flag in flags:
+        p.requires_grad_(flag)
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -75,7 +80,9 @@ def inject(model: nn.Module, adapter: SpectralAdapter) -> nn.Module:
     Raises:
         ValueError: if the model already holds a selora adapter, if no module
             matches the targets (the message lists the candidate layers seen),
-            or a ``modules_to_save`` name matches nothing.
+            a ``modules_to_save`` name matches nothing, or a target cannot be
+            adapted (a budget larger than a factor, an odd size for a wavelet
+            basis: the message names the module, and the model is left as it was).
         TypeError: if a matched module is of an unsupported type.
     """
     if any(isinstance(m, SpectralLayer) for m in model.modules()) or hasattr(model, _CONFIG_ATTR):
@@ -106,10 +113,29 @@ def inject(model: nn.Module, adapter: SpectralAdapter) -> nn.Module:
             raise ValueError(f"modules_to_save entry {wanted!r} matches no module")
         saved.extend(found)
     base = get_adapter_base(adapter.base)()
+    # Build every wrapper before touching the model, so that a target that cannot
+    # be adapted (a budget larger than a factor, an odd size for a wavelet) fails
+    # naming the module and leaves the model as it was.
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    wrapped = []
+    try:
+        for name, module in matched:
+            wrapped.append((name, base.wrap(name, module, adapter)))
+    except ValueError as exc:
+        _restore_grad_flags(grad_flags)
+        weight = getattr(module, "weight", None)
+        shape = f" (weight {tuple(weight.shape)})" if weight is not None else ""
+        raise ValueError(
+            f"cannot adapt {name!r}{shape}: {exc} "
+            f"(factors: A is r x d_in, B is d_out x r with r={adapter.r})"
+        ) from exc
+    except BaseException:
+        _restore_grad_flags(grad_flags)
+        raise
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, module in matched:
-        _set_submodule(model, name, base.wrap(name, module, adapter))
+    for name, wrapper in wrapped:
+        _set_submodule(model, name, wrapper)
     for module in saved:
         for p in module.parameters():
             p.requires_grad_(True)
@@ -187,12 +213,13 @@ def unload(model: nn.Module, *, merge_weights: bool = True) -> nn.Module:
     Args:
         model: an adapted model.
         merge_weights: merge each adapter first (``False`` restores the base model).
+            Layers that cannot be merged (X-LoRA's) are put back unmerged.
 
     Returns:
         ``model`` with no selora module left in it.
     """
     for name, layer in list(adapter_layers(model)):
-        if merge_weights:
+        if merge_weights and getattr(layer, "mergeable", True):  # X-LoRA: never mergeable
             layer.merge()
         else:
             layer.unmerge()
@@ -210,6 +237,9 @@ def unload(model: nn.Module, *, merge_weights: bool = True) -> nn.Module:
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Run ``model`` as its base model inside the block (adapters contribute nothing).
 
+    Merged layers are unmerged for the block (their weight holds the update)
+    and merged again on the way out.
+
     Args:
         model: an adapted model.
 
@@ -217,14 +247,17 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         ``model``.
     """
     layers = [layer for _, layer in adapter_layers(model)]
-    before = [layer.disabled for layer in layers]
-    for layer in layers:
-        layer.disabled = True
+    before = [(layer.disabled, layer.merged) for layer in layers]
     try:
+        for layer in layers:
+            layer.unmerge()
+            layer.disabled = True
         yield model
     finally:
-        for layer, state in zip(layers, before, strict=True):
-            layer.disabled = state
+        for layer, (disabled, merged) in zip(layers, before, strict=True):
+            layer.disabled = disabled
+            if merged:
+                layer.merge()
 
 
 def trainable_parameters(model: nn.Module) -> int:

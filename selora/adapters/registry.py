@@ -94,10 +94,11 @@ class AdaptationBase(abc.ABC):
 
         Args:
             unit: the adapter unit.
-            weight0: :math:`W_0` in float32, ``(d_out, d_in)``.
+            weight0: :math:`W_0` in float32 (float64 for a float64 layer, see
+                :func:`selora.adapters.layer.compute_dtype`), ``(d_out, d_in)``.
 
         Returns:
-            :math:`W` in float32.
+            :math:`W` in the dtype of ``weight0``.
         """
 
     @abc.abstractmethod
@@ -106,10 +107,10 @@ class AdaptationBase(abc.ABC):
 
         Args:
             unit: the adapter unit, unchanged since the merge.
-            weight: the merged weight in float32.
+            weight: the merged weight in float32 (float64 for a float64 layer).
 
         Returns:
-            :math:`W_0` in float32.
+            :math:`W_0` in the dtype of ``weight``.
         """
 
     def wrap(self, name: str, module: nn.Module, adapter: SpectralAdapter) -> nn.Module:

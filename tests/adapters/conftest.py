@@ -1,0 +1,59 @@
+"""Fixtures shared by the adapter tests (the helpers live in adapters_testkit.py).
+
+Every test here runs with one intra-op thread (an autouse fixture): the models
+are tiny, so a second thread buys nothing, while on a busy machine OpenMP's
+barrier makes each small op wait for a descheduled thread (8x slower measured
+on 2 shared cores). The setting is restored after each test.
+
+Fixtures: ``tiny_llama``, ``tiny_gpt2``, ``tiny_bert`` (factories: call them to
+get a fresh random model, hidden 32, 2 layers, never downloaded) and
+``registered_base_cleanup`` (a list; base names appended to it are
+unregistered after the test).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import adapters_testkit as kit
+import pytest
+import torch
+from torch import nn
+
+import selora
+
+ModelFactory = Callable[..., nn.Module]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_llama() -> ModelFactory:
+    return kit.tiny_llama
+
+
+@pytest.fixture
+def tiny_gpt2() -> ModelFactory:
+    return kit.tiny_gpt2
+
+
+@pytest.fixture
+def tiny_bert() -> ModelFactory:
+    return kit.tiny_bert
+
+
+@pytest.fixture
+def registered_base_cleanup() -> Iterator[list[str]]:
+    names: list[str] = []
+    yield names
+    for name in names:
+        if name in selora.list_adapter_bases():
+            selora.unregister_base(name)

@@ -224,7 +224,9 @@ class AdapterUnit(nn.Module):
         if self.training or torch.is_grad_enabled():
             self._cache = None
             return self.lora_A(dtype), self.lora_B(dtype)
-        key = (dtype, *[(id(p), p._version, p.device) for p in self.parameters()])
+        # Buffers count too: a checkpoint may replace a spectrum's locations.
+        tensors = [*self.parameters(), *self.buffers()]
+        key = (dtype, *[(id(t), t._version, t.device) for t in tensors])
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, self.lora_A(dtype), self.lora_B(dtype))
         return self._cache[1], self._cache[2]

@@ -135,6 +135,8 @@ def inject(model: nn.Module, adapter: SpectralAdapter) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     for name, wrapper in wrapped:
+        # A wrapper starts in train mode; it must follow the model's mode (dropout).
+        wrapper.train(model.training)
         _set_submodule(model, name, wrapper)
     for module in saved:
         for p in module.parameters():

@@ -235,3 +235,42 @@ def test_registry_refuses_duplicates_and_non_bases(registered_base_cleanup: list
     with pytest.raises(selora.UnknownAdapterBaseError, match="Did you mean 'dora'"):
         selora.get_adapter_base("doora")
     assert "not_a_base" not in selora.list_adapter_bases()
+
+
+def test_inject_follows_the_models_eval_mode() -> None:
+    import torch
+    from torch import nn
+
+    from selora import SpectralAdapter, SpectralLayer, inject
+
+    net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)).eval()
+    inject(net, SpectralAdapter(basis="fft", r=2, dropout=0.5, target_modules=("0", "1")))
+    layers = [m for m in net.modules() if isinstance(m, SpectralLayer)]
+    assert layers and all(not m.training for m in net.modules())
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+        x = torch.randn(16, 8)
+        assert torch.equal(net(x), net(x))  # no dropout in eval mode
+
+
+def test_eval_cache_follows_replaced_locations() -> None:
+    import torch
+    from torch import nn
+
+    from selora import SpectralAdapter, SpectralLayer, inject
+
+    net = nn.Sequential(nn.Linear(8, 8))
+    inject(net, SpectralAdapter(basis="dct", r=2, n_coeffs=6, target_modules=("0",)))
+    layer = next(m for m in net.modules() if isinstance(m, SpectralLayer))
+    with torch.no_grad():
+        layer.adapter.lora_B.coefficients.add_(1.0)
+    net.eval()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        before = net(x)
+        spectrum = layer.adapter.lora_A
+        spectrum.indices = torch.flip(spectrum.indices, dims=(0,)).clone()
+        after = net(x)
+    assert not torch.equal(before, after)

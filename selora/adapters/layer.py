@@ -269,6 +269,14 @@ class SpectralLayer(nn.Module):
 
     def __init__(self, base_layer: nn.Module, adapter: SpectralAdapter, *, name: str = "") -> None:
         super().__init__()
+        weight0 = self._hold_base_layer(base_layer, name)
+        self.adapter = AdapterUnit(adapter, self.in_features, self.out_features, weight0)
+
+    def _hold_base_layer(self, base_layer: nn.Module, name: str) -> Tensor:
+        """Check, freeze and keep ``base_layer``; set sizes and flags; return :math:`W_0`.
+
+        Wrappers with another set of adapter units (X-LoRA's experts) share it.
+        """
         if not is_supported_layer(base_layer):
             raise TypeError(
                 f"selora adapts nn.Linear and transformers' Conv1D; {name or 'the module'} "
@@ -280,9 +288,9 @@ class SpectralLayer(nn.Module):
         weight0 = frozen_weight(base_layer)
         self.out_features, self.in_features = int(weight0.shape[0]), int(weight0.shape[1])
         self.name = name
-        self.adapter = AdapterUnit(adapter, self.in_features, self.out_features, weight0)
         self.merged = False
         self.disabled = False
+        return weight0
 
     @property
     def weight(self) -> Tensor:

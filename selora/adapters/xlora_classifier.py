@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from selora.adapters.config import SpectralAdapter
-from selora.adapters.layer import AdapterUnit, SpectralLayer, frozen_weight, is_supported_layer
+from selora.adapters.layer import AdapterUnit, SpectralLayer
 from selora.adapters.lora import low_rank_update
 
 __all__ = [
@@ -216,25 +216,13 @@ class XLoRALayer(SpectralLayer):
         freeze_experts: bool = False,
     ) -> None:
         nn.Module.__init__(self)  # SpectralLayer's init builds a single AdapterUnit
-        if not is_supported_layer(base_layer):
-            raise TypeError(
-                f"selora adapts nn.Linear and transformers' Conv1D; {name or 'the module'} "
-                f"is a {type(base_layer).__name__}"
-            )
-        self.base_layer = base_layer
-        for p in base_layer.parameters():
-            p.requires_grad_(False)
-        weight0 = frozen_weight(base_layer)
-        self.out_features, self.in_features = int(weight0.shape[0]), int(weight0.shape[1])
-        self.name = name
+        weight0 = self._hold_base_layer(base_layer, name)
         self.xlora_adapter = adapter
         self.experts = nn.ModuleList(
             AdapterUnit(spec, self.in_features, self.out_features, weight0) for spec in experts
         )
         if freeze_experts:
             self.experts.requires_grad_(False)
-        self.merged = False
-        self.disabled = False
         self.scoring = False
         self.layer_index = 0
         self.expert_weights: Tensor | None = None

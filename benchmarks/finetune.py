@@ -183,7 +183,7 @@ def write_markdown(out_dir: Path) -> Path:
             f"{meta['n_train']} training and {meta['n_test']} test tokens, "
             f"{meta['torch_threads']} CPU threads ({meta['processor']}), "
             f"{meta['elapsed_s'] / 60:.0f} min in all.\n\n"
-            f"![{name}](../assets/results/finetune_{name}.png)\n"
+            f"![{name}](assets/results/finetune_{name}.png)\n"
         )
     out = out_dir / "finetune.md"
     out.write_text("\n".join(parts), encoding="utf-8")

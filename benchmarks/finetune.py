@@ -9,9 +9,14 @@ b. ``equal_budget``: selora at rank ``--budget-rank`` (sparse ratio 0.6) against
    dense LoRA at the rank whose parameter count is closest (and, for
    reference, dense LoRA at the same rank).
 c. ``bases_of_adaptation``: DoRA and HiRA, each with dense factors and with
-   spectral ones.
+   spectral ones, at the shared learning rate and, for the bases named in
+   ``--base-lr`` (default ``hira=1e-2``), again at their own learning rate:
+   HiRA's update W0 * (BA) (elementwise) is scaled by the entries of
+   W0 (rms 0.04 to 0.10 in MiniLM's query and value), so it needs a larger one.
 d. ``rank_sweep``: selora at ranks 4..128 with a fixed number of coefficients
-   per factor (``--sweep-n-coeffs``), so every rank trains the same budget.
+   per factor (``--sweep-n-coeffs``), so every rank trains the same budget,
+   beside dense LoRA at the same ranks, whose budget grows with the rank
+   (FoRA's claim is that the first curve follows the second).
 
 The task, the model and the training loop are the demo's (``selora.demo``):
 the test metric is Pearson's r between predicted and rated valence on a
@@ -29,6 +34,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +77,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-bases", nargs="+", default=["fft", "dct", "coif"])
     p.add_argument("--adapter-bases", nargs="+", default=["dora", "hira"], help="table c")
     p.add_argument("--spectral-bases", nargs="+", default=["fft", "coif"], help="table c")
+    p.add_argument(
+        "--base-lr", nargs="*", default=["hira=1e-2"], metavar="BASE=LR",
+        help="table c: also run these bases of adaptation at their own learning rate",
+    )  # fmt: skip
     p.add_argument("--sweep-ranks", nargs="+", type=int, default=[4, 8, 16, 32, 64, 128])
     p.add_argument("--sweep-n-coeffs", type=int, default=1024)
     p.add_argument("--sweep-bases", nargs="+", default=["fft", "coif"])
+    p.add_argument(
+        "--sweep-lora-ranks", nargs="+", type=int, default=None,
+        help="dense LoRA reference ranks in table d (default: --sweep-ranks; 0 for none)",
+    )  # fmt: skip
     p.add_argument("--max-train", type=int, default=None)
     p.add_argument("--max-test", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -92,7 +106,36 @@ def matched_rank(selora_rank: int, sparse_ratio: float, d_in: int, d_out: int) -
     return max(1, round(per_layer / (d_in + d_out)))
 
 
-def methods_for(table: str, args: argparse.Namespace) -> tuple[list[Method], dict[str, Any]]:
+def base_learning_rates(pairs: Sequence[str]) -> dict[str, float]:
+    """Parse ``--base-lr`` entries ``BASE=LR`` (for example ``hira=1e-2``)."""
+    out: dict[str, float] = {}
+    for pair in pairs:
+        base, sep, value = pair.partition("=")
+        try:
+            lr = float(value)
+        except ValueError:
+            lr = float("nan")
+        if not sep or not base or not lr > 0:
+            raise SystemExit(f"--base-lr: expected BASE=LR with LR > 0, got {pair!r}")
+        out[base] = lr
+    return out
+
+
+def methods_for(
+    table: str, args: argparse.Namespace
+) -> tuple[list[tuple[Method, float]], dict[str, Any]]:
+    """The methods of one table, each with its learning rate, and the title's fields."""
+    runs, fmt = _methods(table, args)
+    own = base_learning_rates(args.base_lr) if table == "c" else {}
+    extra = [
+        (replace(m, name=f"{m.label} lr={own[m.base]:g}"), own[m.base])
+        for m in runs
+        if m.base in own
+    ]
+    return [(m, args.lr) for m in runs] + extra, fmt
+
+
+def _methods(table: str, args: argparse.Namespace) -> tuple[list[Method], dict[str, Any]]:
     ratio, rank = args.sparse_ratio, args.rank
     if table == "a":
         bases = args.bases or list_bases()
@@ -123,7 +166,9 @@ def methods_for(table: str, args: argparse.Namespace) -> tuple[list[Method], dic
             ]
         return methods, {"rank": rank}
     n = args.sweep_n_coeffs
-    methods = [
+    lora_ranks = args.sweep_ranks if args.sweep_lora_ranks is None else args.sweep_lora_ranks
+    methods = [Method(basis=None, r=r, name=f"lora r={r}") for r in lora_ranks if r > 0]
+    methods += [
         Method(basis=b, r=r, n_coeffs=n, name=f"lora+{b} r={r}")
         for b in args.sweep_bases
         for r in args.sweep_ranks
@@ -140,14 +185,19 @@ def plot_sweep(summaries: Sequence[Summary], path: Path, title: str) -> Path:
     ax = fig.subplots()
     by_basis: dict[str, list[Summary]] = {}
     for s in summaries:
-        by_basis.setdefault(str(s.spec["basis"]), []).append(s)
+        by_basis.setdefault(str(s.spec["basis"] or "lora"), []).append(s)
     for basis, rows in by_basis.items():
         rows = sorted(rows, key=lambda s: int(s.spec["r"]))
+        counts = sorted({s.trainable for s in rows})
+        if len(counts) == 1:
+            label = f"lora+{basis} ({counts[0]:,} trainable at every r)"
+        else:
+            label = f"dense {basis} ({counts[0]:,} to {counts[-1]:,} trainable)"
         ax.errorbar(
             [int(s.spec["r"]) for s in rows],
             [s.mean["pearson"] for s in rows],
             yerr=[s.std["pearson"] for s in rows],
-            marker="o", capsize=4, label=f"{basis} ({rows[0].trainable:,} trainable)",
+            marker="o", capsize=4, label=label, ls="--" if len(counts) > 1 else "-",
         )  # fmt: skip
     ranks = sorted({int(s.spec["r"]) for s in summaries})
     ax.set_xscale("log", base=2)
@@ -224,7 +274,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         title = TITLES[table].format(**fmt)
         print(f"\n{title}: {len(methods)} methods x {len(args.seeds)} seeds", file=sys.stderr)
         start = time.perf_counter()
-        results = [run(task, m, s, config) for m in methods for s in args.seeds]
+        results = []
+        for method, lr in methods:
+            for seed in args.seeds:
+                result = run(task, method, seed, replace(config, lr=lr))
+                result.spec["lr"] = lr  # the table's config holds only the shared one
+                results.append(result)
         summaries = summarize(results)
         name = TABLES[table]
         meta = {

@@ -98,7 +98,9 @@ class SpectralAdapter:
             a string is a regular expression matched against the full name;
             ``"all-linear"`` takes every ``nn.Linear`` / ``Conv1D`` except a
             Hugging Face model's output embedding.
-        exclude_modules: names (same matching as a sequence of targets) never adapted.
+        exclude_modules: modules never adapted, matched like ``target_modules``
+            (PEFT's rule too): a sequence by name or ``"." + name`` suffix, a
+            string as a regular expression against the full name.
         modules_to_save: modules left trainable besides the adapter (a task
             head); their weights are saved with the adapter.
         dropout: dropout probability on the adapter's input, in ``[0, 1)``.
@@ -117,7 +119,7 @@ class SpectralAdapter:
     sparse_ratio: float | None = None
     n_coeffs: int | None = None
     target_modules: str | Sequence[str] = "all-linear"
-    exclude_modules: Sequence[str] = ()
+    exclude_modules: str | Sequence[str] = ()
     modules_to_save: Sequence[str] = ()
     dropout: float = 0.0
     seed: int = 0
@@ -166,9 +168,8 @@ class SpectralAdapter:
         if targets == ():
             raise _fail("target_modules", "no module names given")
         object.__setattr__(self, "target_modules", targets)
-        excluded = _as_names(self.exclude_modules, "exclude_modules")
         object.__setattr__(
-            self, "exclude_modules", excluded if isinstance(excluded, tuple) else (excluded,)
+            self, "exclude_modules", _as_names(self.exclude_modules, "exclude_modules")
         )
         saved = _as_names(self.modules_to_save, "modules_to_save")
         object.__setattr__(self, "modules_to_save", saved if isinstance(saved, tuple) else (saved,))
@@ -238,7 +239,9 @@ class SpectralAdapter:
             "target_modules": self.target_modules
             if isinstance(self.target_modules, str)
             else list(self.target_modules),
-            "exclude_modules": list(self.exclude_modules),
+            "exclude_modules": self.exclude_modules
+            if isinstance(self.exclude_modules, str)
+            else list(self.exclude_modules),
             "modules_to_save": list(self.modules_to_save),
             "dropout": self.dropout,
             "seed": self.seed,
@@ -263,6 +266,7 @@ class SpectralAdapter:
         if unknown:
             raise ValueError(f"unknown SpectralAdapter fields: {sorted(unknown)}")
         values = dict(data)
-        if isinstance(values.get("target_modules"), list):
-            values["target_modules"] = tuple(values["target_modules"])
+        for key in ("target_modules", "exclude_modules"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(values[key])
         return cls(**values)

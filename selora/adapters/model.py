@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from torch import nn
 
@@ -28,7 +28,11 @@ __all__ = [
 _CONFIG_ATTR = "selora_adapter"
 
 
-def _name_matches(name: str, names: tuple[str, ...]) -> bool:
+def _name_matches(name: str, names: str | Sequence[str]) -> bool:
+    # PEFT's rule, so that a config means the same in both: a string is a regex
+    # on the full name, a sequence matches a name or a "." + name suffix.
+    if isinstance(names, str):
+        return re.fullmatch(names, name) is not None
     return any(name == t or name.endswith("." + t) for t in names)
 
 
@@ -42,13 +46,11 @@ def _output_embedding_names(model: nn.Module) -> set[str]:
 
 def _is_target(name: str, adapter: SpectralAdapter, skip: set[str], module: nn.Module) -> bool:
     targets = adapter.target_modules
-    if name in skip or _name_matches(name, tuple(adapter.exclude_modules)):
+    if name in skip or _name_matches(name, adapter.exclude_modules):
         return False
     if targets == "all-linear":
         return is_supported_layer(module)
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return _name_matches(name, tuple(targets))
+    return _name_matches(name, targets)
 
 
 def _restore_grad_flags(flags: list[tuple[nn.Parameter, bool]]) -> None:

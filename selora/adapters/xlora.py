@@ -50,11 +50,10 @@ from selora.adapters.xlora_classifier import (
     MERGE_ERROR,
     XLoRAClassifier,
     XLoRALayer,
-    attach_classifier,
     get_xlora_classifier,
-    model_hidden_size,
     xlora_layers,
 )
+from selora.adapters.xlora_passes import attach_classifier, model_hidden_size
 from selora.spectral_bases import SparseSpectrum
 
 __all__ = [

@@ -140,61 +140,77 @@ def plot_summaries(
     path: str | Path,
     *,
     title: str = "all-MiniLM-L6-v2 on the VADER lexicon",
-    x_key: str = "trainable",
 ) -> Path:
-    """Write a two-panel PNG: test Pearson r against the x axis, and training loss per epoch.
+    """Write a PNG with one row per method: test Pearson r and trainable parameters.
 
-    A linear probe (``head only``), fitted in closed form, shows as a dashed
-    line at its training MSE.
-
-    The figure is drawn with Matplotlib's Agg canvas, without ``pyplot``, so it
-    neither needs a display nor changes the user's backend.
+    The left panel shows the mean test Pearson r with the standard deviation
+    over seeds as error bars, and a dashed line at the first dense-factor
+    method (plain LoRA, DoRA, ...) for reference; the right panel shows the
+    number of trainable parameters (on a log scale when they span more than
+    a factor of 20). The figure is drawn with
+    Matplotlib's Agg canvas, without ``pyplot``, so it neither needs a display
+    nor changes the user's backend.
 
     Args:
-        summaries: the methods to plot.
+        summaries: the methods to plot, top to bottom.
         path: the PNG's path (parent directories are created).
         title: the figure title.
-        x_key: ``"trainable"`` (log scale) or a key of the summaries' ``spec``
-            (for example ``"r"`` for a rank sweep).
 
     Returns:
         The path written.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import NullFormatter
 
-    fig = Figure(figsize=(11, 4.2), dpi=110)
+    n = len(summaries)
+    fig = Figure(figsize=(10, 1.6 + 0.42 * n), dpi=110)
     FigureCanvasAgg(fig)
-    ax, ax_loss = fig.subplots(1, 2)
-    markers = "osD^vP*Xh<>p"
-    for i, s in enumerate(summaries):
-        color, marker = f"C{i % 10}", markers[i % len(markers)]
-        x = float(s.trainable) if x_key == "trainable" else float(s.spec[x_key])
-        ax.errorbar(
-            [x], [s.mean["pearson"]], yerr=[s.std["pearson"]], fmt=marker, color=color,
-            capsize=4, markersize=7, label=f"{s.method} ({s.trainable:,})",
+    ax, ax_params = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [3, 2]})
+    rows = list(range(n))[::-1]  # first summary on top
+    colors = [f"C{i % 10}" for i in range(n)]
+    means = [s.mean["pearson"] for s in summaries]
+    ax.errorbar(
+        means, rows, xerr=[s.std["pearson"] for s in summaries], fmt="none",
+        ecolor="0.3", capsize=4, zorder=1,
+    )  # fmt: skip
+    ax.scatter(means, rows, c=colors, s=50, zorder=2)
+    for s, y, m in zip(summaries, rows, means, strict=True):
+        spread = f" ± {s.std['pearson']:.4f}" if len(s.seeds) > 1 else ""
+        ax.annotate(
+            f"{m:.4f}{spread}", (m, y), textcoords="offset points", xytext=(0, 7),
+            ha="center", fontsize=7,
         )  # fmt: skip
-        if s.spec.get("head_only") and s.epoch_losses:
-            ax_loss.axhline(s.epoch_losses[-1], color=color, ls="--", label=f"{s.method} (fit)")
-        elif s.epoch_losses:
-            epochs = list(range(1, len(s.epoch_losses) + 1))
-            ax_loss.plot(epochs, s.epoch_losses, marker=marker, color=color, label=s.method)
-    if x_key == "trainable":
-        ax.set_xscale("log")
-        ax.set_xlabel("trainable parameters (log scale)")
+    reference = next(
+        (s for s in summaries if s.spec.get("basis") is None and not s.spec.get("head_only")),
+        None,
+    )
+    if reference is not None:
+        ax.axvline(reference.mean["pearson"], color="0.5", ls="--", lw=1, zorder=0)
+    ax.set_yticks(rows, [s.method for s in summaries])
+    ax.set_ylim(-0.7, n - 0.3)
+    n_seeds = max(len(s.seeds) for s in summaries)
+    ax.set_xlabel(
+        f"test Pearson r (mean ± sd over {n_seeds} seeds)" if n_seeds > 1 else "test Pearson r"
+    )
+    ax.grid(axis="x", alpha=0.3)
+    ax.margins(x=0.15)
+    ax_params.barh(rows, [s.trainable for s in summaries], color=colors, height=0.5)
+    for s, y in zip(summaries, rows, strict=True):
+        ax_params.annotate(
+            f" {s.trainable:,}", (s.trainable, y), va="center", fontsize=7
+        )  # fmt: skip
+    counts = [s.trainable for s in summaries]
+    if max(counts) > 20 * min(counts):
+        ax_params.set_xscale("log")
+        ax_params.set_xlim(10 ** math.floor(math.log10(min(counts))), max(counts) * 8)
+        ax_params.xaxis.set_minor_formatter(NullFormatter())
+        ax_params.set_xlabel("trainable parameters (log scale)")
     else:
-        ax.set_xlabel(x_key)
-    ax.set_ylabel("test Pearson r (mean ± sd over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("training MSE")
-    ax_loss.grid(alpha=0.3)
-    if ax_loss.lines:
-        ax_loss.legend(fontsize=8, loc="best")
-    fig.suptitle(title)
+        ax_params.set_xlim(0, max(counts) * 1.35)
+        ax_params.set_xlabel("trainable parameters")
+    ax_params.grid(axis="x", alpha=0.3)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -103,9 +103,8 @@ class SeloraConfig(PeftConfig):
     is a regular expression matched against the full name; ``"all-linear"``
     takes every linear layer but a Hugging Face model's output embedding
     (PEFT replaces it by the matched names on injection). ``exclude_modules``
-    is a list of names (a regular expression would not convert to a
-    :class:`~selora.SpectralAdapter`). ``None`` targets take PEFT's LoRA
-    defaults for the model type.
+    follows the same two rules. ``None`` targets take PEFT's LoRA defaults for
+    the model type.
 
     Attributes:
         basis: a registered basis name (``"fft"``, ``"dct"``, ``"coif"``, ...) or
@@ -116,7 +115,7 @@ class SeloraConfig(PeftConfig):
         sparse_ratio: SeLoRA's budget.
         n_coeffs: FoRA's budget.
         target_modules: the modules to adapt.
-        exclude_modules: names never adapted.
+        exclude_modules: modules never adapted (names, or a regex).
         modules_to_save: modules trained and saved besides the adapter (PEFT's
             ``ModulesToSaveWrapper``).
         dropout: dropout on the adapter's input.
@@ -133,7 +132,9 @@ class SeloraConfig(PeftConfig):
     target_modules: list[str] | set[str] | str | None = field(
         default="all-linear", metadata={"help": "Names, a regex, or 'all-linear'."}
     )
-    exclude_modules: list[str] | None = field(default=None, metadata={"help": "Names to skip."})
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Names or a regex of modules to skip."}
+    )
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained and saved besides the adapter."}
     )
@@ -150,11 +151,7 @@ class SeloraConfig(PeftConfig):
         self.peft_type = PEFT_TYPE
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, str):
-            raise ValueError(
-                "SeloraConfig.exclude_modules: give a list of module names, not a regex"
-            )
-        if self.exclude_modules is not None:
+        if self.exclude_modules is not None and not isinstance(self.exclude_modules, str):
             self.exclude_modules = list(self.exclude_modules)
         if self.modules_to_save is not None:
             self.modules_to_save = list(dict.fromkeys(self.modules_to_save))
@@ -176,7 +173,9 @@ class SeloraConfig(PeftConfig):
             sparse_ratio=self.sparse_ratio,
             n_coeffs=self.n_coeffs,
             target_modules=targets if isinstance(targets, str) else tuple(sorted(targets)),
-            exclude_modules=tuple(self.exclude_modules or ()),
+            exclude_modules=self.exclude_modules
+            if isinstance(self.exclude_modules, str)
+            else tuple(self.exclude_modules or ()),
             # PeftModelForSequenceClassification extends the list in place with
             # "classifier" and "score" on every construction, so duplicates appear.
             modules_to_save=tuple(dict.fromkeys(self.modules_to_save or ())),

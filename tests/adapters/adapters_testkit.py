@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import pywt
 import scipy.fft
+import tiny_transformers as tt
 import torch
 from torch import nn
 
@@ -36,7 +37,7 @@ BASES: tuple[str | None, ...] = (None, *SPECTRAL_BASES)
 # The wavelet behind each built-in wavelet basis (design.md, "The built-in bases").
 WAVELETS = {"haar": "haar", "db4": "db4", "bior": "bior2.2", "coif": "coif1"}
 
-TINY = {"hidden": 32, "layers": 2, "heads": 4, "vocab": 64, "intermediate": 64}
+TINY = {"hidden": tt.HIDDEN, "layers": tt.LAYERS, "heads": tt.HEADS, "vocab": 64}
 
 
 def _hf_ready(model: nn.Module) -> nn.Module:
@@ -47,53 +48,28 @@ def _hf_ready(model: nn.Module) -> nn.Module:
 
 def tiny_llama(**overrides: object) -> nn.Module:
     """A random LLaMA: hidden 32, 2 layers, 4 heads (2 key/value heads), vocab 64."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        hidden_size=TINY["hidden"],
-        intermediate_size=TINY["intermediate"],
-        num_hidden_layers=TINY["layers"],
-        num_attention_heads=TINY["heads"],
-        num_key_value_heads=2,
-        vocab_size=TINY["vocab"],
-        max_position_embeddings=64,
-        **overrides,
-    )
+    config = tt.llama_config(vocab_size=TINY["vocab"], max_position_embeddings=64, **overrides)
     return _hf_ready(LlamaForCausalLM(config))
 
 
 def tiny_gpt2(**overrides: object) -> nn.Module:
     """A random GPT-2 (its projections are transformers' ``Conv1D``): n_embd 32, 2 layers."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
-    config = GPT2Config(
-        n_embd=TINY["hidden"],
-        n_layer=TINY["layers"],
-        n_head=TINY["heads"],
-        vocab_size=TINY["vocab"],
-        n_positions=64,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        **overrides,
-    )
+    no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    config = tt.gpt2_config(vocab_size=TINY["vocab"], n_positions=64, **(no_dropout | overrides))
     return _hf_ready(GPT2LMHeadModel(config))
 
 
 def tiny_bert(**overrides: object) -> nn.Module:
     """A random BERT encoder: hidden 32, 2 layers, 4 heads, vocab 64, no dropout."""
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
-    config = BertConfig(
-        hidden_size=TINY["hidden"],
-        num_hidden_layers=TINY["layers"],
-        num_attention_heads=TINY["heads"],
-        intermediate_size=TINY["intermediate"],
-        vocab_size=TINY["vocab"],
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        **overrides,
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    config = tt.bert_config(
+        vocab_size=TINY["vocab"], max_position_embeddings=64, **(no_dropout | overrides)
     )
     return _hf_ready(BertModel(config))
 

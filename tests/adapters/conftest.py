@@ -1,10 +1,5 @@
 """Fixtures shared by the adapter tests (the helpers live in adapters_testkit.py).
 
-Every test here runs with one intra-op thread (an autouse fixture): the models
-are tiny, so a second thread buys nothing, while on a busy machine OpenMP's
-barrier makes each small op wait for a descheduled thread (8x slower measured
-on 2 shared cores). The setting is restored after each test.
-
 Fixtures: ``tiny_llama``, ``tiny_gpt2``, ``tiny_bert`` (factories: call them to
 get a fresh random model, hidden 32, 2 layers, never downloaded) and
 ``registered_base_cleanup`` (a list; base names appended to it are
@@ -17,22 +12,11 @@ from collections.abc import Callable, Iterator
 
 import adapters_testkit as kit
 import pytest
-import torch
 from torch import nn
 
 import selora
 
 ModelFactory = Callable[..., nn.Module]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture

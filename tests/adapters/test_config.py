@@ -107,6 +107,16 @@ def test_sequence_targets_become_a_tuple() -> None:
     assert adapter.exclude_modules == ("lm_head",)
 
 
+def test_string_exclude_is_a_regex_and_round_trips() -> None:
+    adapter = SpectralAdapter(exclude_modules=r".*\.layers\.0\..*")
+    assert adapter.exclude_modules == r".*\.layers\.0\..*"
+    assert SpectralAdapter.from_dict(adapter.to_dict()) == adapter
+    listed = SpectralAdapter(exclude_modules=["a", "b"])
+    assert SpectralAdapter.from_dict(listed.to_dict()) == listed
+    with pytest.raises(ValueError, match=r"exclude_modules.*regular expression"):
+        SpectralAdapter(exclude_modules="q_(")
+
+
 def test_from_dict_rejects_unknown_keys() -> None:
     with pytest.raises(ValueError, match="unknown SpectralAdapter fields"):
         SpectralAdapter.from_dict({"rank": 4})

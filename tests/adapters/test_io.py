@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import tiny_transformers as tt
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -42,34 +43,19 @@ def mlp(seed: int = 0, hidden: int = 32, dtype: torch.dtype = torch.float32) -> 
 
 def llama(hidden: int = 32, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-    )
+    config = tt.llama_config(hidden_size=hidden, vocab_size=100)
     return transformers.LlamaForCausalLM(config).eval()
 
 
 def gpt2(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=16)
+    config = tt.gpt2_config(vocab_size=100, n_positions=16)
     return transformers.GPT2LMHeadModel(config).eval()
 
 
 def bert(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=100,
-        max_position_embeddings=16,
-        num_labels=2,
-    )
+    config = tt.bert_config(vocab_size=100, max_position_embeddings=16, num_labels=2)
     return transformers.BertForSequenceClassification(config).eval()
 
 

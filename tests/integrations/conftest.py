@@ -17,17 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    # Tiny models: threads only add contention (and make timings noisy).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
 def _restore_rng() -> Iterator[None]:
     # The model builders seed torch's global RNG; keep other tests independent of it.
     with torch.random.fork_rng():

@@ -319,7 +319,7 @@ def test_config_fields_and_conversion() -> None:
         ({"basis": None, "n_coeffs": 3}, "n_coeffs"),
         ({"dropout": 1.0}, "dropout"),
         ({"seed": -1}, "seed"),
-        ({"exclude_modules": "q_.*"}, "exclude_modules"),
+        ({"exclude_modules": "q_(.*"}, "exclude_modules"),
     ],
 )
 def test_config_rejects_bad_fields(kwargs: dict[str, object], field: str) -> None:
@@ -426,3 +426,46 @@ def test_half_precision_base_keeps_float32_coefficients(
     dtypes = {p.dtype for n, p in loaded.named_parameters() if ".selora_units." in n}
     assert dtypes == {torch.float32}
     assert torch.equal(logits(loaded, ids), expected)
+
+
+@pytest.mark.parametrize(
+    ("targets", "exclude"),
+    [
+        ("all-linear", r".*layers\.1\..*_proj"),
+        ("all-linear", r".*\.(q|k)_proj"),
+        (["down_proj", "q_proj", "v_proj"], r"model\.layers\.0\..*"),
+        (["q_proj", "v_proj"], ["layers.1.self_attn.v_proj"]),
+        (r".*\.(q|v|o)_proj", "q_proj"),  # a regex is a full match: "q_proj" alone excludes nothing
+    ],
+)
+def test_exclude_modules_match_peft_lora(
+    targets: str | list[str], exclude: str | list[str]
+) -> None:
+    """PEFT's LoRA is the oracle for which modules a target/exclude pair selects."""
+    from peft import LoraConfig
+
+    lora = get_peft_model(
+        tiny_llama(), LoraConfig(r=2, target_modules=targets, exclude_modules=exclude)
+    )
+    expected = sorted(
+        name.removeprefix("base_model.model.")
+        for name, m in lora.named_modules()
+        if isinstance(m, LoraLayer)
+    )
+    assert expected  # the oracle selects something, so the comparison means something
+    adapter = selora.SpectralAdapter(
+        r=2, target_modules=targets if isinstance(targets, str) else tuple(targets),
+        exclude_modules=exclude,
+    )  # fmt: skip
+    injected = selora.inject(tiny_llama(), adapter)
+    assert sorted(name for name, _ in selora.adapter_layers(injected)) == expected
+    config = SeloraConfig.from_spectral_adapter(adapter)
+    assert config.exclude_modules == exclude
+    assert config.to_spectral_adapter() == adapter
+    bridged = get_peft_model(tiny_llama(), config)
+    got = sorted(
+        name.removeprefix("base_model.model.")
+        for name, m in bridged.named_modules()
+        if isinstance(m, SeloraLinear)
+    )
+    assert got == expected

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import tiny_transformers as tt
 import torch
 from torch import Tensor, nn
 
@@ -18,42 +19,25 @@ VOCAB = 100
 
 
 def tiny_llama(seed: int = 0) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-    )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(tt.llama_config(vocab_size=VOCAB)).eval()
 
 
 def tiny_bert(seed: int = 0) -> nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
     torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=3,
-    )
+    config = tt.bert_config(vocab_size=VOCAB, max_position_embeddings=32, num_labels=3)
     return BertForSequenceClassification(config).eval()
 
 
 def tiny_gpt2(seed: int = 0) -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32)
-    return GPT2LMHeadModel(config).eval()
+    return GPT2LMHeadModel(tt.gpt2_config(vocab_size=VOCAB, n_positions=32)).eval()
 
 
 BUILDERS = {"llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2}
@@ -107,7 +91,9 @@ def copy_selora_into_peft(selora_model: nn.Module, peft_model: nn.Module, adapte
 def subprocess_env() -> dict[str, str]:
     """Environment of a child Python: the repo importable, one thread, offline, localhost."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    # tests/ too: tiny_models imports tiny_transformers from there
+    paths = (str(REPO_ROOT), str(REPO_ROOT / "tests"), env.get("PYTHONPATH", ""))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env.update(
         OMP_NUM_THREADS="1",
         HF_HUB_OFFLINE="1",

@@ -29,20 +29,6 @@ def _dense_operator(
     return torch.stack(columns, dim=1)
 
 
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    """Run these (tiny-tensor) tests on one intra-op thread, restored afterwards.
-
-    Nothing here is large enough to gain from threads, and on a busy machine
-    every multi-threaded MKL call (torch_dct's irfft) can wait a scheduler tick
-    for its second thread: about 20 ms per call instead of 20 us.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def dense_operator() -> DenseOperator:
     """Return a builder of the dense float64 matrix of a basis (see ``_dense_operator``)."""

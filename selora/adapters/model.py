@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 
 from torch import nn
@@ -86,6 +87,10 @@ def inject(model: nn.Module, adapter: SpectralAdapter) -> nn.Module:
             adapted (a budget larger than a factor, an odd size for a wavelet
             basis: the message names the module, and the model is left as it was).
         TypeError: if a matched module is of an unsupported type.
+
+    Warns:
+        UserWarning: if ``adapter.exclude_modules`` matches no module of the
+            model (as PEFT warns), since a misspelt exclusion changes nothing.
     """
     if any(isinstance(m, SpectralLayer) for m in model.modules()) or hasattr(model, _CONFIG_ATTR):
         raise ValueError("this model already holds a selora adapter; unload() it first")
@@ -101,6 +106,16 @@ def inject(model: nn.Module, adapter: SpectralAdapter) -> nn.Module:
         raise ValueError(
             f"target_modules={adapter.target_modules!r} matches no module of "
             f"{type(model).__name__}; its linear layers are: {shown or 'none'}"
+        )
+    if adapter.exclude_modules and not any(
+        _name_matches(name, adapter.exclude_modules) for name, _ in model.named_modules() if name
+    ):
+        # PEFT warns here too: a misspelt exclusion would otherwise adapt silently.
+        warnings.warn(
+            f"exclude_modules={adapter.exclude_modules!r} matches no module of "
+            f"{type(model).__name__}, so nothing was excluded",
+            UserWarning,
+            stacklevel=2,
         )
     for name, module in matched:
         if not is_supported_layer(module):

@@ -89,6 +89,21 @@ def test_exclude_modules() -> None:
     assert "model.layers.0.self_attn.q_proj" in names
 
 
+@pytest.mark.filterwarnings("error")  # an exclusion that matches must not warn
+def test_regex_exclude_is_a_full_match() -> None:
+    model = selora.inject(
+        kit.tiny_llama(), SpectralAdapter(target_modules="all-linear", exclude_modules=r".*\.1\..*")
+    )
+    names = _wrapped(model)
+    assert len(names) == 7 and all(".layers.0." in n for n in names)
+
+
+def test_exclusion_that_matches_nothing_warns() -> None:
+    with pytest.warns(UserWarning, match="exclude_modules=.*matches no module"):
+        model = selora.inject(kit.TinyMLP(), SpectralAdapter(exclude_modules=["fc3"]))
+    assert _wrapped(model) == ["fc1", "fc2", "head"]
+
+
 def test_modules_to_save_become_trainable() -> None:
     model = kit.tiny_llama()
     selora.inject(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -444,9 +445,11 @@ def test_exclude_modules_match_peft_lora(
     """PEFT's LoRA is the oracle for which modules a target/exclude pair selects."""
     from peft import LoraConfig
 
-    lora = get_peft_model(
-        tiny_llama(), LoraConfig(r=2, target_modules=targets, exclude_modules=exclude)
-    )
+    with warnings.catch_warnings(record=True) as peft_warned:
+        warnings.simplefilter("always")
+        lora = get_peft_model(
+            tiny_llama(), LoraConfig(r=2, target_modules=targets, exclude_modules=exclude)
+        )
     expected = sorted(
         name.removeprefix("base_model.model.")
         for name, m in lora.named_modules()
@@ -457,12 +460,22 @@ def test_exclude_modules_match_peft_lora(
         r=2, target_modules=targets if isinstance(targets, str) else tuple(targets),
         exclude_modules=exclude,
     )  # fmt: skip
-    injected = selora.inject(tiny_llama(), adapter)
+    with warnings.catch_warnings(record=True) as selora_warned:
+        warnings.simplefilter("always")
+        injected = selora.inject(tiny_llama(), adapter)
     assert sorted(name for name, _ in selora.adapter_layers(injected)) == expected
+    # both warn, or neither, when the exclusion matches no module
+    excluded_nothing = [
+        any("exclude" in str(w.message) for w in log) for log in (peft_warned, selora_warned)
+    ]
+    assert excluded_nothing[0] == excluded_nothing[1]
+    assert excluded_nothing[1] == (exclude == "q_proj")
     config = SeloraConfig.from_spectral_adapter(adapter)
     assert config.exclude_modules == exclude
     assert config.to_spectral_adapter() == adapter
-    bridged = get_peft_model(tiny_llama(), config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's own warning, checked above
+        bridged = get_peft_model(tiny_llama(), config)
     got = sorted(
         name.removeprefix("base_model.model.")
         for name, m in bridged.named_modules()

@@ -79,10 +79,27 @@ def test_matches_oracle_on_drawn_shapes(name: str, data: st.DataObject) -> None:
     check_against_oracle(name, (*batch, m, n), data.draw(st.integers(0, 2**32 - 1)))
 
 
+# dct takes a dense-matrix route along a dimension no longer than the other
+# one (and than 512), and an FFT route along the rest: (16, 9), (8, 512),
+# (3, 600), (513, 2), (4, 1025) and (1, 1024) run it on odd and even lengths.
 @pytest.mark.parametrize("name", ["fft", "dct"])
-@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (5, 1), (3, 5), (16, 9), (32, 64), (64, 32)])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        *[(1, 1), (1, 7), (5, 1), (3, 5), (16, 9), (32, 64), (64, 32)],
+        *[(8, 512), (3, 600), (513, 2), (4, 1025), (1, 1024)],
+    ],
+)
 def test_fourier_and_cosine_explicit_shapes(name: str, shape: tuple[int, int]) -> None:
     check_against_oracle(name, shape, seed=sum(shape))
+
+
+@pytest.mark.parametrize("shape", [(2, 513), (515, 3)])
+def test_cosine_fft_route_gradients(shape: tuple[int, int]) -> None:
+    """gradcheck on the FFT route (long dimensions), which the small drawn shapes miss."""
+    basis = get_basis("dct")
+    spectrum = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(basis, (spectrum,), fast_mode=True)
 
 
 @pytest.mark.parametrize("name", [*REGISTERED_WAVELETS, "sym8", "dmey", "db10", "coif3"])
@@ -167,3 +184,14 @@ def test_gradient_matches_ptwt(wavelet: str, shape: tuple[int, int]) -> None:
     (ours,) = torch.autograd.grad(get_basis(wavelet)(spectrum), spectrum, upstream)
     (theirs,) = torch.autograd.grad(ptwt_periodized(spectrum, wavelet), spectrum, upstream)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=TOL)
+
+
+@pytest.mark.filterwarnings("error")  # Dynamo warns when it meets a functools cache
+@pytest.mark.parametrize("shape", [(4, 40), (2, 600)])
+def test_cosine_compiles_without_graph_breaks(shape: tuple[int, int]) -> None:
+    torch._dynamo.reset()
+    basis = get_basis("dct")
+    spectrum = torch.randn(shape, dtype=torch.float64)
+    compiled = torch.compile(basis, backend="aot_eager", fullgraph=True)
+    expected = scipy.fft.idctn(spectrum.numpy(), norm="ortho", axes=(-2, -1))
+    np.testing.assert_allclose(compiled(spectrum).numpy(), expected, atol=1e-12)

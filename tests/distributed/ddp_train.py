@@ -117,6 +117,19 @@ def run_single() -> dict[str, Any]:
     return {"params": trainable(model), "losses": losses, "world_size": 1}
 
 
+def summary(
+    params: dict[str, Tensor], losses: list[float], world: int, same_locations: bool
+) -> dict[str, Any]:
+    """What every launcher reports: final parameters, losses, and agreement across ranks."""
+    return {
+        "params": params,
+        "losses": losses,
+        "world_size": world,
+        "same_locations": same_locations,
+        "same_params": all_equal(flat(params)),
+    }
+
+
 def run_ddp() -> dict[str, Any]:
     """Train with DistributedDataParallel (gloo); the model is built before the group exists."""
     model = build_model()
@@ -127,14 +140,7 @@ def run_ddp() -> dict[str, Any]:
     ddp = nn.parallel.DistributedDataParallel(model)
     x, y = global_batch()
     losses = train(ddp, x[rank::world], y[rank::world])
-    params = trainable(ddp)
-    report = {
-        "params": params,
-        "losses": losses,
-        "world_size": world,
-        "same_locations": same_locations,
-        "same_params": all_equal(flat(params)),
-    }
+    report = summary(trainable(ddp), losses, world, same_locations)
     dist.barrier()
     return report
 
@@ -153,14 +159,8 @@ def run_accelerate() -> dict[str, Any]:
     x, y = global_batch()
     losses = train(wrapped, x[rank::world], y[rank::world], accelerator.backward, opt)
     params = trainable(accelerator.unwrap_model(wrapped))
-    report = {
-        "params": params,
-        "losses": losses,
-        "world_size": world,
-        "same_locations": same_locations,
-        "same_params": all_equal(flat(params)),
-        "distributed_type": str(accelerator.distributed_type),
-    }
+    report = summary(params, losses, world, same_locations)
+    report["distributed_type"] = str(accelerator.distributed_type)
     accelerator.wait_for_everyone()
     return report
 
@@ -179,14 +179,7 @@ def run_fsdp() -> dict[str, Any]:
     fully_shard(model, mesh=mesh)
     x, y = global_batch()
     losses = train(model, x[rank::world], y[rank::world])
-    params = trainable(model)
-    report = {
-        "params": params,
-        "losses": losses,
-        "world_size": world,
-        "same_locations": same_locations,
-        "same_params": all_equal(flat(params)),
-    }
+    report = summary(trainable(model), losses, world, same_locations)
     dist.barrier()
     return report
 

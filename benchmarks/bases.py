@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +30,8 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from timing import interleaved_samples, medians_of
 
 from selora.spectral_bases import SparseSpectrum, list_bases
 
@@ -74,23 +74,6 @@ def make_step(spectrum: SparseSpectrum, upstream: Tensor, route: str | None = No
         out.backward(upstream)
 
     return step
-
-
-def time_steps(steps: dict[str, Step], repeats: int, warmup: int, number: int) -> dict[str, float]:
-    """Median seconds per step of each entry, interleaved across repeats."""
-    names = list(steps)
-    for _ in range(warmup):
-        for name in names:
-            steps[name]()
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(repeats):
-        shift = rep % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            for _ in range(number):
-                steps[name]()
-            samples[name].append((time.perf_counter() - start) / number)
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.ptwt:
             spectrum = SparseSpectrum((m, n), args.ptwt, sparse_ratio=args.sparse_ratio)
             steps[f"ptwt:{args.ptwt}"] = make_step(spectrum, upstream, route=args.ptwt)
-        medians = time_steps(steps, args.repeats, args.warmup, args.number)
+        medians = medians_of(interleaved_samples(steps, args.repeats, args.warmup, args.number))
         results[f"{m}x{n}"] = medians
         labels = list(steps)
 

@@ -54,7 +54,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -64,6 +63,8 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from timing import interleaved_samples, medians_of
 
 import selora
 from selora.adapters import DEFAULT_SPARSE_RATIO
@@ -140,27 +141,6 @@ def make_inference(layer: nn.Module, x: Tensor) -> Callable[[], None]:
             layer(x)
 
     return run
-
-
-def interleaved_samples(
-    runs: dict[str, Callable[[], None]], repeats: int, warmup: int
-) -> dict[str, list[float]]:
-    names = list(runs)
-    for _ in range(warmup):
-        for name in names:
-            runs[name]()
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(repeats):
-        shift = rep % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            runs[name]()
-            samples[name].append(time.perf_counter() - start)
-    return samples
-
-
-def medians_of(samples: dict[str, list[float]]) -> dict[str, float]:
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 @contextlib.contextmanager

@@ -1,0 +1,35 @@
+"""Interleaved wall-clock timing shared by the benchmarks (bases.py, step.py).
+
+Every repeat runs each contender once, starting from a different one in turn,
+so that a slow phase of a noisy machine hits all of them alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+
+def interleaved_samples(
+    runs: dict[str, Callable[[], None]], repeats: int, warmup: int, number: int = 1
+) -> dict[str, list[float]]:
+    """Seconds per call of each run: ``repeats`` samples, each the mean of ``number`` calls."""
+    names = list(runs)
+    for _ in range(warmup):
+        for name in names:
+            runs[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(repeats):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            for _ in range(number):
+                runs[name]()
+            samples[name].append((time.perf_counter() - start) / number)
+    return samples
+
+
+def medians_of(samples: dict[str, list[float]]) -> dict[str, float]:
+    """The median of each run's samples."""
+    return {name: statistics.median(values) for name, values in samples.items()}

@@ -18,10 +18,12 @@ and ``logits_to_keep=1``), then the classifier, then (2) the real pass, where
 each layer weights its experts. The scoring pass stores no activations for
 the backward pass, so a training step costs about one extra forward (roughly
 +30 to +50% of a LoRA step), and the K experts of a layer cost K low-rank
-products. With a KV cache (``generate``) the scoring pass extends a shadow
-cache of its own (the base model's keys and values, mirrored through beam
-reorders and crops), so cached generation equals uncached generation at the
-price of a second cache.
+products. With a KV cache (``generate``) the scoring pass extends a history
+of its own (the base model's keys and values), kept as extra entries of the
+model's ``transformers.Cache.layers`` so that ``generate``'s beam reorders and
+crops edit both alike: cached generation equals uncached generation at the
+price of a second history. A cache that already holds tokens but no such
+history is refused (use ``use_cache=False``), never approximated.
 
 The two passes are wired by a forward pre-hook and a forward hook on the model
 given to :func:`selora.inject` (a Hugging Face causal LM or encoder: it needs

@@ -5,8 +5,10 @@ a forward pre-hook that runs the scoring pass (no grad, experts off,
 ``output_hidden_states=True``) and the classifier, and stores each layer's
 weights :math:`g(x)` on its :class:`~selora.adapters.xlora_classifier.XLoRALayer`;
 a forward hook clears them after the call. During incremental decoding the
-scoring pass extends a *shadow* KV cache of its own, so that it sees earlier
-tokens as the base model saw them.
+scoring pass extends a KV history of its own, kept in the model's cache object
+(see :func:`_scoring_cache`), so that it sees earlier tokens as the base model
+saw them. Only public transformers API is used: the cache keyword of the
+forward, the :class:`transformers.Cache` object and its ``layers`` list.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import contextlib
 import copy
 import functools
 import inspect
-import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -68,64 +69,116 @@ def _last_hidden_state(output: Any, model: nn.Module) -> Tensor:
     return last
 
 
-_SHADOW_CACHES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
-_MIRRORED = ("reorder_cache", "crop", "batch_select_indices", "batch_repeat_interleave")
+#: The forward keywords that carry the KV cache, newest first. transformers 5.24
+#: renamed ``past_key_values`` to ``cache`` (``generate`` passes ``cache=``).
+CACHE_KEYWORDS = ("cache", "past_key_values")
 
 
-def _copy_cache(cache: Any) -> Any:
-    copied = copy.deepcopy(cache)
-    for name in (*_MIRRORED, "_selora_mirrored"):  # not the wrappers of the model's cache
-        getattr(copied, "__dict__", {}).pop(name, None)
-    return copied
+def _cache_keyword(forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """Return the keyword under which this call passes a KV cache, or ``None``.
+
+    Raises:
+        TypeError: if the call passes the cache positionally or under both names,
+            where the scoring pass cannot give it a cache of its own.
+    """
+    given = [name for name in CACHE_KEYWORDS if kwargs.get(name) is not None]
+    if len(given) > 1:
+        raise TypeError(f"X-LoRA: the call passes a KV cache under both {given}; pass one")
+    if not given and args:
+        try:
+            bound = inspect.signature(forward).bind_partial(*args).arguments
+        except (TypeError, ValueError):
+            bound = {}
+        if any(bound.get(name) is not None for name in CACHE_KEYWORDS):
+            raise TypeError(
+                "X-LoRA: pass the KV cache by keyword (cache= or past_key_values=), not "
+                "positionally, so that the scoring pass can use a cache of its own"
+            )
+    return given[0] if given else None
 
 
-def _mirror(cache: Any) -> None:
-    """Make ``generate``'s edits of the model's cache (beam reorders, crops) edit its shadow too."""
-    state = cache.__dict__
-    if state.get("_selora_mirrored"):
-        return
-    state["_selora_mirrored"] = True
-    owner = weakref.ref(cache)
-    for name in _MIRRORED:
-        method = getattr(cache, name, None)
-        if not callable(method):
-            continue
-
-        def mirrored(*args: Any, _method: Any = method, _name: str = name, **kwargs: Any) -> Any:
-            out = _method(*args, **kwargs)
-            shadow = _SHADOW_CACHES.get(owner())
-            if shadow is not None:
-                getattr(shadow, _name)(*args, **kwargs)
-            return out
-
-        setattr(cache, name, mirrored)
+def _unsupported_cache(cache: Any, why: str) -> TypeError:
+    return TypeError(
+        f"X-LoRA cannot run its scoring pass with this KV cache ({type(cache).__name__}): {why}. "
+        "Call the model (or generate) with use_cache=False instead"
+    )
 
 
-def _scoring_cache(cache: Any) -> Any:
-    """Return the KV cache the scoring pass extends in place of the model's ``cache``.
+#: The attribute, set on a cache X-LoRA extended, that gives the index in
+#: ``cache.layers`` where the scoring pass' layers start (it survives ``deepcopy``).
+SCORING_START_ATTR = "selora_xlora_scoring_start"
+
+
+def _scoring_cache(cache: Any) -> tuple[Any, bool]:
+    """Return the KV cache that the scoring pass extends in place of the model's ``cache``.
 
     The scoring pass must see earlier tokens as the base model saw them and
-    must not extend the model's own cache. A *shadow* cache, started empty
-    with the model's, extended by each scoring pass and edited with it
-    (``generate``'s beam reorders and crops are mirrored), does both; it lives
-    as long as the model's cache. A cache met with an unknown history (or
-    without ``get_seq_length``) is copied instead: correct for the cache, an
-    approximation for the scoring (its earlier entries come from the adapted model).
+    must not extend the model's own cache. Its keys and values live in the
+    model's cache object itself, as extra entries of the public list
+    ``cache.layers``: the model's own layers first, the scoring pass' copies
+    after them (from index ``cache.selora_xlora_scoring_start``). Every edit
+    that ``generate`` makes through the public :class:`transformers.Cache`
+    methods (``reorder_cache`` for beams, ``crop``, ``batch_select_indices``,
+    ``batch_repeat_interleave``) walks the whole list, so it edits both
+    histories alike. The scoring pass runs on a shallow copy of the cache
+    whose ``layers`` is the scoring part of that list.
+
+    A cache with history (sequence length > 0) must have been started by an
+    X-LoRA call on an empty cache; any other is refused, never approximated.
+
+    Returns:
+        The cache for the scoring pass, and whether it is new: then
+        :func:`_keep_scoring_history` must append its layers after the pass.
+
+    Raises:
+        TypeError: for a cache that is not a :class:`transformers.Cache` with a
+            ``layers`` list, or whose history did not come from X-LoRA.
     """
-    length = getattr(cache, "get_seq_length", None)
-    if not callable(length) or not hasattr(cache, "__dict__"):
-        return copy.deepcopy(cache)
-    try:
-        shadow = _SHADOW_CACHES.get(cache)
-    except TypeError:  # not weakly referable
-        return copy.deepcopy(cache)
-    if length() != 0 and (shadow is None or shadow.get_seq_length() != length()):
-        return _copy_cache(cache)
-    if length() == 0:
-        shadow = _copy_cache(cache)
-        _SHADOW_CACHES[cache] = shadow
-        _mirror(cache)
-    return shadow
+    from transformers import Cache, EncoderDecoderCache  # optional dependency, imported late
+
+    if not isinstance(cache, Cache) or isinstance(cache, EncoderDecoderCache):
+        raise _unsupported_cache(cache, "it is not a decoder transformers.Cache with a layers list")
+    layers = cache.layers
+    if not isinstance(layers, list):
+        raise _unsupported_cache(cache, "its layers are not a list")
+    start = getattr(cache, SCORING_START_ATTR, None)
+    view = copy.copy(cache)
+    if cache.get_seq_length() == 0:  # a new history: drop an old scoring part, start afresh
+        if start is not None:
+            del layers[start:]
+            delattr(cache, SCORING_START_ATTR)
+        view.layers = [copy.deepcopy(layer) for layer in layers]
+        return view, True
+    if start is None or 2 * start != len(layers):
+        raise _unsupported_cache(
+            cache,
+            f"it holds {cache.get_seq_length()} earlier tokens but not the scoring pass' own "
+            "keys and values for them (start from an empty cache: X-LoRA keeps them beside the "
+            "model's in the same cache object)",
+        )
+    view.layers = layers[start:]
+    if view.get_seq_length() != cache.get_seq_length():
+        raise _unsupported_cache(
+            cache,
+            f"its scoring history holds {view.get_seq_length()} tokens and the model's "
+            f"{cache.get_seq_length()}: something edited one without the other",
+        )
+    return view, False
+
+
+def _keep_scoring_history(cache: Any, view: Any) -> None:
+    """After the first scoring pass, append its layers to the model's cache (see above)."""
+    n_model = len(view.layers)
+    if len(cache.layers) < n_model and cache.layer_class_to_replicate is not None:
+        cache.layers.extend(
+            cache.layer_class_to_replicate() for _ in range(n_model - len(cache.layers))
+        )
+    if len(cache.layers) != n_model:
+        raise _unsupported_cache(
+            cache, f"it has {len(cache.layers)} layers where the model filled {n_model}"
+        )
+    cache.layers.extend(view.layers)
+    setattr(cache, SCORING_START_ATTR, n_model)
 
 
 def _pre_forward(
@@ -155,12 +208,16 @@ def _pre_forward(
         scoring["return_dict"] = True
     if _accepts(forward, "logits_to_keep", var_keyword=False):
         scoring["logits_to_keep"] = 1
-    if scoring.get("past_key_values") is not None:
-        scoring["past_key_values"] = _scoring_cache(scoring["past_key_values"])
+    keyword = _cache_keyword(forward, args, kwargs)
+    if keyword is not None:
+        view, fresh = _scoring_cache(kwargs[keyword])
+        scoring[keyword] = view
     elif _accepts(forward, "use_cache", var_keyword=False):
         scoring["use_cache"] = False  # build no cache that nobody reads
     with torch.no_grad(), _scoring(layers):
         output = forward(*args, **scoring)
+    if keyword is not None and fresh:
+        _keep_scoring_history(kwargs[keyword], view)
     weights = classifier(_last_hidden_state(output, model))
     for layer in layers:
         layer.expert_weights = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import selora
 from selora import SpectralAdapter, SpectralLayer, inject
 from selora.adapters import AdapterUnit, XLoRAClassifier, XLoRALayer, get_xlora_classifier
 from selora.adapters.io import CONFIG_NAME, load_adapter, save_adapter
+from selora.adapters.xlora_passes import CACHE_KEYWORDS
 
 transformers = pytest.importorskip("transformers")
 
@@ -373,23 +375,59 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("num_beams", [1, 2])
-def test_cached_generation_equals_uncached(num_beams: int) -> None:
+def sharp_xlora_model() -> nn.Module:
     model = inject(base_model(), xlora("fft", n_experts=3)).eval()
     perturb_experts(model, scale=0.5)
     with torch.no_grad():
         for p in get_xlora_classifier(model).parameters():
             p.mul_(20.0)  # sharp, token-dependent weights
-    prompt = token_batch(2, 5, seed=8)
+    return model
+
+
+@pytest.mark.parametrize("left_padding", [False, True], ids=["unpadded", "left-padded"])
+@pytest.mark.parametrize("num_beams", [1, 2], ids=["greedy", "beam"])
+def test_cached_generation_equals_uncached(num_beams: int, left_padding: bool) -> None:
+    model = sharp_xlora_model()
+    prompt = token_batch(3, 6, seed=8).clamp_min(1)
+    mask = torch.ones_like(prompt)
+    if left_padding:  # rows of 6, 4 and 2 real tokens
+        for row, pad in enumerate((0, 2, 4)):
+            prompt[row, :pad] = 0
+            mask[row, :pad] = 0
     kwargs = {
-        "attention_mask": torch.ones_like(prompt),
+        "attention_mask": mask,
         "max_new_tokens": 6,
         "do_sample": False,
         "pad_token_id": 0,
         "num_beams": num_beams,
     }
+    uncached = model.generate(prompt, use_cache=False, **kwargs)
     cached = model.generate(prompt, use_cache=True, **kwargs)
-    assert torch.equal(cached, model.generate(prompt, use_cache=False, **kwargs))
+    assert torch.equal(cached, uncached)
+    # the check can fail: the experts do change the tokens
+    with selora.disable_adapters(model):
+        assert not torch.equal(model.generate(prompt, use_cache=False, **kwargs), uncached)
+
+
+def test_cache_with_foreign_history_is_refused() -> None:
+    """A cache filled without X-LoRA's scoring history cannot be continued: an error, no guess."""
+    from transformers import DynamicCache
+
+    base = base_model()
+    prompt = token_batch(2, 5, seed=8)
+    keyword = cache_keyword(base)
+    cache = DynamicCache()
+    with torch.no_grad():
+        base(input_ids=prompt, **{keyword: cache}, use_cache=True)  # the base model's history only
+    model = sharp_xlora_model()
+    with pytest.raises(TypeError, match="use_cache=False"), torch.no_grad():
+        model(input_ids=prompt[:, -1:], **{keyword: cache}, use_cache=True)
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The forward keyword of this transformers release for the KV cache."""
+    params = inspect.signature(model.forward).parameters
+    return next(name for name in CACHE_KEYWORDS if name in params)
 
 
 # --------------------------------------------------------------------------- errors

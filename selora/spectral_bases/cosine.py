@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 from torch import Tensor
 from torch.nn import functional
 
+from selora._tensor_cache import tensor_cache
 from selora.spectral_bases.registry import InverseTransform, register_basis
 
 __all__ = ["CosineTransform"]
@@ -18,7 +18,7 @@ __all__ = ["CosineTransform"]
 _DENSE_MAX = 512
 
 
-@functools.cache
+@tensor_cache()
 def _dense_plan(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     r"""The ``(n, n)`` matrix :math:`M_{uj} = c_u \cos(\pi (2j+1) u / 2n)`: ``x = X @ M``."""
     u = torch.arange(n, dtype=torch.float64)
@@ -28,7 +28,7 @@ def _dense_plan(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return matrix.to(dtype=dtype, device=device)
 
 
-@functools.cache
+@tensor_cache()
 def _fft_plan(
     n: int, dtype: torch.dtype, device: torch.device
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

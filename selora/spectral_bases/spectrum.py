@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 
@@ -10,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from selora._tensor_cache import tensor_cache
 from selora.spectral_bases.registry import InverseTransform, get_basis
 
 __all__ = ["SparseSpectrum", "coefficient_budget", "spectral_locations", "kaiming_variance"]
@@ -98,7 +98,7 @@ def _check_seed(seed: int) -> int:
     return int(seed)
 
 
-@functools.lru_cache(maxsize=256)
+@tensor_cache(maxsize=256)
 def _cached_locations(seed: int, m: int, n: int, k: int) -> Tensor:
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, m, n])))
     flat = rng.choice(m * n, size=k, replace=False, shuffle=False)

@@ -1,0 +1,69 @@
+"""Module-level caches of constant tensors that are safe under ``torch.inference_mode``.
+
+A tensor created inside ``torch.inference_mode()`` is an *inference tensor*:
+autograd refuses to save it for backward. A plain ``functools.cache`` around a
+function that builds constant tensors (transform plans, location sets) keeps
+whatever the first call made, so a first call under ``inference_mode`` (a
+``generate``, an evaluation) would poison every later training step that reads
+the constant ("Inference tensors cannot be saved for backward"). Every cached
+constant tensor in selora goes through :func:`tensor_cache`, which builds it
+with inference mode and gradient recording switched off.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Generic, ParamSpec, Protocol, TypeVar
+
+import torch
+
+__all__ = ["CachedBuilder", "tensor_cache"]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+class CachedBuilder(Protocol, Generic[_P, _R]):
+    """What :func:`tensor_cache` returns: the cached builder, the raw one, and a reset."""
+
+    __wrapped__: Callable[_P, _R]
+
+    def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        """Return the cached result for these arguments (building it on first use)."""
+
+    def cache_clear(self) -> None:
+        """Forget every cached result."""
+
+
+def tensor_cache(
+    maxsize: int | None = None,
+) -> Callable[[Callable[_P, _R]], CachedBuilder[_P, _R]]:
+    """Return a decorator caching a builder of constant tensors, safely for inference mode.
+
+    The builder runs under ``torch.inference_mode(False)`` and
+    ``torch.no_grad()``, so the cached tensors are ordinary tensors that
+    require no grad, whatever mode the first caller was in. The decorated
+    function keeps ``__wrapped__`` (the uncached builder, for tracing under
+    ``torch.compile``) and ``cache_clear``.
+
+    Args:
+        maxsize: the most results kept (least recently used go first); ``None``
+            keeps every result.
+
+    Returns:
+        The decorator.
+    """
+
+    def decorator(build: Callable[_P, _R]) -> CachedBuilder[_P, _R]:
+        @functools.wraps(build)
+        def outside_inference(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            with torch.inference_mode(False), torch.no_grad():
+                return build(*args, **kwargs)
+
+        cached = functools.lru_cache(maxsize=maxsize)(outside_inference)
+        functools.update_wrapper(cached, build)
+        cached.selora_tensor_cache = True  # type: ignore[attr-defined]  # found by the tests
+        return cached
+
+    return decorator

@@ -43,14 +43,38 @@ __all__ = [
     "PEFT_TYPE",
     "PREFIX",
     "SeloraConfig",
+    "SeloraPeftType",
     "SeloraLayer",
     "SeloraLinear",
     "SeloraModel",
     "register",
 ]
 
-PEFT_TYPE = "SELORA"
-"""The ``peft_type`` written to ``adapter_config.json`` (a plain string, see ``docs/peft.md``)."""
+class SeloraPeftType(str):
+    """The ``peft_type`` of selora: a string that also answers like a member of PEFT's enum.
+
+    PEFT's ``PeftType`` is a ``str`` enum that cannot gain members from outside,
+    so selora's type is the plain string ``"SELORA"`` (equal to and hashing as
+    that string, so PEFT's tables find it, and written to JSON as it). Code in
+    PEFT and transformers that reads ``config.peft_type.value`` or ``.name``
+    (model cards, ``PreTrainedModel.load_adapter``) gets the string too.
+    """
+
+    __slots__ = ()
+
+    @property
+    def value(self) -> str:
+        """The string itself, as ``PeftType.X.value``."""
+        return str.__str__(self)
+
+    @property
+    def name(self) -> str:
+        """The string itself, as ``PeftType.X.name``."""
+        return str.__str__(self)
+
+
+PEFT_TYPE = SeloraPeftType("SELORA")
+"""The ``peft_type`` written to ``adapter_config.json`` (see :class:`SeloraPeftType`)."""
 
 PREFIX = "selora_"
 """The method's unique PEFT prefix; every adapter attribute of a layer starts with it."""

@@ -1,0 +1,70 @@
+"""transformers' own adapter API (``PreTrainedModel.load_adapter`` / ``add_adapter``) on SELORA.
+
+transformers reads ``peft_config.peft_type.value``; selora's ``peft_type`` used
+to be a plain string, so these failed with ``AttributeError: ... 'value'``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from tiny_models import inputs, logits, perturb, tiny_gpt2, tiny_llama
+from torch import nn
+
+from selora.integrations.peft import PEFT_TYPE, SeloraConfig, SeloraPeftType
+
+
+def config(basis: str | None = "fft", base: str = "lora") -> SeloraConfig:
+    return SeloraConfig(
+        basis=basis, base=base, r=4, target_modules=["q_proj", "v_proj", "c_attn"]
+    )
+
+
+def test_peft_type_answers_like_peft_s_enum() -> None:
+    assert isinstance(PEFT_TYPE, str) and isinstance(PEFT_TYPE, SeloraPeftType)
+    assert PEFT_TYPE == "SELORA" and PEFT_TYPE.value == "SELORA" and PEFT_TYPE.name == "SELORA"
+    assert hash(PEFT_TYPE) == hash("SELORA")
+    assert json.loads(json.dumps({"peft_type": PEFT_TYPE})) == {"peft_type": "SELORA"}
+    restored = SeloraConfig.from_peft_type(**config().to_dict())
+    assert type(restored.peft_type) is SeloraPeftType
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2-conv1d"])
+@pytest.mark.parametrize(("basis", "base"), [("fft", "lora"), ("coif", "dora"), ("dct", "hira")])
+def test_transformers_load_adapter_equals_peft_from_pretrained(
+    tmp_path: Path, build: type[nn.Module], basis: str, base: str
+) -> None:
+    trained = get_peft_model(build(), config(basis, base))
+    perturb(trained)  # B != 0, so the adapter changes the output
+    trained.save_pretrained(tmp_path)
+    ids = inputs()
+    peft_reloaded = PeftModel.from_pretrained(build(), tmp_path).eval()
+    native = build()
+    base_out = logits(native, ids)
+    native.load_adapter(str(tmp_path))  # transformers' API: read peft_type.value
+    native.eval()
+    out = logits(native, ids)
+    assert torch.equal(out, logits(peft_reloaded, ids))
+    assert not torch.allclose(out, base_out)
+
+
+def test_transformers_add_adapter_reaches_peft_s_version_check_only() -> None:
+    """transformers 5.24's ``add_adapter`` wants PEFT >= 0.22, which is not released.
+
+    With a PEFT it accepts, the adapter is added and B = 0 leaves the output
+    unchanged; with an older PEFT, transformers' own version check refuses it.
+    Either way the old ``AttributeError`` on ``peft_type.value`` is gone.
+    """
+    model = tiny_llama()
+    ids = inputs()
+    before = logits(model, ids)
+    try:
+        model.add_adapter(config())
+    except ValueError as exc:
+        assert "version of PEFT" in str(exc), exc
+        return
+    assert torch.equal(logits(model, ids), before)

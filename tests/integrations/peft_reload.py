@@ -45,7 +45,9 @@ def main() -> None:
         report[case["name"]] = {
             "logits": logits(model, case["ids"]),
             "config_class": type_name(config),
-            "config": config.to_dict(),
+            # peft_type is a str subclass; a plain str keeps the report weights_only-loadable
+            "config": {**config.to_dict(), "peft_type": str(config.peft_type)},
+            "peft_type_value": config.peft_type.value,
             "spectral": config.to_spectral_adapter().to_dict(),
             "layers": {
                 name: type_name(module)

@@ -130,6 +130,7 @@ def test_every_spectral_field_round_trips(reloaded: dict[str, Any], name: str) -
     for data in (saved, loaded):
         data["modules_to_save"] = sorted(set(data["modules_to_save"] or []))
     assert loaded == saved
+    assert remote["peft_type_value"] == "SELORA"  # answers .value as PEFT's enum members do
     assert remote["spectral"] == config.to_spectral_adapter().to_dict()
     # and the adapter is the one selora.inject was given (targets resolved to names by PEFT)
     original = local["adapter"].to_dict()

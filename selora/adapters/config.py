@@ -7,9 +7,9 @@ import numbers
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
-from selora.spectral_bases import InverseTransform, basis_name, get_basis
+from selora.spectral_bases import InverseTransform, SpectrumScale, basis_name, get_basis
 
 __all__ = ["DEFAULT_SPARSE_RATIO", "SpectralAdapter"]
 
@@ -107,6 +107,14 @@ class SpectralAdapter:
         seed: seeds the spectral locations; a non-negative integer.
         base_options: options of the base of adaptation, validated by it
             (for example X-LoRA's number of experts).
+        scale: how the spectral factors are scaled (``SpectrumScale``):
+            ``"lora"`` (default) multiplies each factor by the constant
+            :math:`c = \sqrt{mn / E}` of its basis' energy on the active set,
+            so the coefficients sit on a dense LoRA factor's scale and LoRA's
+            learning rate carries over; ``"paper"`` is FoRA's eq. 3 as written
+            (:math:`c = 1`). Both give the same model at init. Saved in
+            checkpoints; a checkpoint written before the option existed loads
+            as ``"paper"``. Ignored by dense factors (``basis=None``).
 
     Raises:
         ValueError: naming the field, for any invalid value or combination.
@@ -124,6 +132,7 @@ class SpectralAdapter:
     dropout: float = 0.0
     seed: int = 0
     base_options: Mapping[str, Any] = field(default_factory=dict)
+    scale: SpectrumScale = "lora"
 
     def __post_init__(self) -> None:
         # Imported here: the base registry imports this module for its types.
@@ -164,6 +173,9 @@ class SpectralAdapter:
             or self.seed < 0
         ):
             raise _fail("seed", f"must be a non-negative integer; got {self.seed!r}")
+        if not isinstance(self.scale, str) or self.scale not in get_args(SpectrumScale):
+            allowed = list(get_args(SpectrumScale))
+            raise _fail("scale", f"must be one of {allowed}; got {self.scale!r}")
         targets = _as_names(self.target_modules, "target_modules")
         if targets == ():
             raise _fail("target_modules", "no module names given")
@@ -246,6 +258,7 @@ class SpectralAdapter:
             "dropout": self.dropout,
             "seed": self.seed,
             "base_options": dict(self.base_options),
+            "scale": self.scale,
         }
 
     @classmethod

@@ -17,6 +17,16 @@ def _row_norm(weight: Tensor) -> Tensor:
     return norm
 
 
+def _divisor(norm: Tensor) -> Tensor:
+    """The row norms with zeros replaced by one, so that ``m / norm`` is finite.
+
+    A row of :math:`V` that is exactly zero (a zero row of :math:`W_0` at init)
+    has magnitude :math:`m_i = 0`, so its gain :math:`m_i / 1 = 0` keeps the row
+    at zero (exact at init) instead of :math:`0 / 0`. Non-zero norms are unchanged.
+    """
+    return torch.where(norm == 0, torch.ones_like(norm), norm)
+
+
 def _magnitude(unit: AdapterUnit) -> Tensor:
     magnitude = unit.magnitude
     assert isinstance(magnitude, Tensor)
@@ -49,6 +59,9 @@ class DoRA(AdaptationBase):
 
     which equals :math:`W x + b` and is exactly the frozen output at init.
     The row norm needs :math:`V` densely (as in every DoRA implementation).
+    A row with :math:`\lVert V_i \rVert = 0` (an all-zero row of :math:`W_0`
+    at init) is divided by 1 instead of 0: its magnitude is 0 too, so the row
+    stays exactly zero and finite, in the forward, the backward and a merge.
     Dropout, if any, acts on the input of the low-rank term only, so in
     training :math:`y = g \odot (W_0 x + \tfrac{\alpha}{r}\tilde B \tilde A\,
     \mathrm{drop}(x)) + b`; Hugging Face PEFT also feeds :math:`\mathrm{drop}(x)`
@@ -75,7 +88,7 @@ class DoRA(AdaptationBase):
             delta = delta_weight(unit, a, b)
             norm = _row_norm(weight0.to(compute_dtype(weight0.dtype)).to(delta.dtype) + delta)
         magnitude = _magnitude(unit)
-        gain = (magnitude / norm).to(base_out.dtype)
+        gain = (magnitude / _divisor(norm)).to(base_out.dtype)
         base_no_bias = base_out if bias is None else base_out - bias
         update = low_rank_update(unit, x, a, b).to(base_out.dtype)
         return base_out + (gain - 1) * base_no_bias + gain * update
@@ -86,15 +99,20 @@ class DoRA(AdaptationBase):
         norm = _row_norm(v)
         unit.merged_norm = norm.detach().clone()
         magnitude = _magnitude(unit)
-        return v * (magnitude.to(v.dtype) / norm).unsqueeze(1)
+        return v * (magnitude.to(v.dtype) / _divisor(norm)).unsqueeze(1)
 
     def unmerged_weight(self, unit: AdapterUnit, weight: Tensor) -> Tensor:
         r"""Return :math:`W_0 = V - \tfrac{\alpha}{r}\tilde B \tilde A`.
 
         Row-wise, :math:`V = W \lVert V\rVert / m`.
 
-        The row norms :math:`\lVert V\rVert` were remembered at merge time.
+        The row norms :math:`\lVert V\rVert` were remembered at merge time. A
+        row with :math:`m_i = 0` was merged to zero whatever :math:`V_i`; it is
+        restored as :math:`V_i = 0` (exact for a zero row of :math:`W_0` with
+        :math:`\tilde B_i = 0`, lost otherwise).
         """
-        magnitude = _magnitude(unit)
-        v = weight * (_merged_norm(unit).to(weight.dtype) / magnitude.to(weight.dtype)).unsqueeze(1)
+        magnitude = _magnitude(unit).to(weight.dtype)
+        norm = _merged_norm(unit).to(weight.dtype)
+        ratio = torch.where(magnitude == 0, torch.zeros_like(norm), norm / _divisor(magnitude))
+        v = weight * ratio.unsqueeze(1)
         return v - delta_weight(unit)

@@ -218,8 +218,15 @@ def _basis(adapter: SpectralAdapter) -> object:
     return get_basis(basis) if isinstance(basis, str) else basis
 
 
+def _adapter_dict(meta: dict[str, Any]) -> dict[str, Any]:
+    """The saved adapter description; one saved before ``scale`` existed is ``"paper"``."""
+    data = dict(meta["adapter"])
+    data.setdefault("scale", "paper")  # FoRA's eq. 3 as written: what it computed
+    return data
+
+
 def _adapter_from(meta: dict[str, Any], where: Path) -> SpectralAdapter:
-    data, recorded = dict(meta["adapter"]), meta.get("basis_class")
+    data, recorded = _adapter_dict(meta), meta.get("basis_class")
     name = data.get("basis")
     if name is not None:
         try:
@@ -416,7 +423,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     current = getattr(model, "selora_adapter", None)
     if isinstance(current, SpectralAdapter):
         recorded = None if current.basis is None else _class_path(_basis(current))
-        ours, theirs = json.loads(json.dumps(current.to_dict())), meta["adapter"]
+        ours, theirs = json.loads(json.dumps(current.to_dict())), _adapter_dict(meta)
         diff = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
         if diff or recorded != meta.get("basis_class"):
             raise AdapterCheckpointError(
@@ -442,7 +449,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
             key = (id(indices), device)
             if key not in shared:
                 shared[key] = indices.to(device, torch.int64)
-            spectrum.indices = shared[key]
+            spectrum.set_locations(shared[key])  # and recompute its scale factor
         for target, source in copies:
             if id(target) not in old and target.dtype != source.dtype:
                 target.data = source.to(target.device)  # a new factor takes the saved dtype

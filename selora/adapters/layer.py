@@ -10,14 +10,24 @@ PEFT bridge, X-LoRA's experts) reuse it unchanged.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from selora.adapters.config import SpectralAdapter
+from selora.adapters.factor_cache import CacheEntry, cache_key, unchanged
+from selora.adapters.layer_types import (
+    compute_dtype,
+    frozen_weight,
+    is_quantized_layer,
+    is_supported_layer,
+    quantized_layer_error,
+)
 from selora.adapters.registry import AdaptationBase, get_adapter_base
-from selora.spectral_bases import SparseSpectrum, get_basis
+from selora.spectral_bases import SparseSpectrum, SpectrumInit, get_basis
 
 __all__ = [
     "AdapterUnit",
@@ -25,60 +35,9 @@ __all__ = [
     "SpectralLayer",
     "compute_dtype",
     "frozen_weight",
+    "is_quantized_layer",
     "is_supported_layer",
 ]
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Return the dtype adapter arithmetic runs in for a layer of ``dtype``.
-
-    float64 layers compute (and keep their adapter parameters) in float64;
-    every other dtype (float32, bfloat16, float16) in float32.
-
-    Args:
-        dtype: the frozen layer's dtype.
-
-    Returns:
-        ``torch.float64`` or ``torch.float32``.
-    """
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _conv1d_type() -> type[nn.Module] | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # transformers is optional
-        return None
-    conv: type[nn.Module] = Conv1D
-    return conv
-
-
-def is_supported_layer(module: nn.Module) -> bool:
-    """Tell whether ``module`` is an ``nn.Linear`` or a Hugging Face ``Conv1D``.
-
-    Args:
-        module: any module.
-
-    Returns:
-        ``True`` for the layer types selora can wrap.
-    """
-    conv = _conv1d_type()
-    return isinstance(module, nn.Linear) or (conv is not None and isinstance(module, conv))
-
-
-def frozen_weight(module: nn.Module) -> Tensor:
-    r"""Return :math:`W_0` of a supported layer as ``(d_out, d_in)`` (a view, no copy).
-
-    Args:
-        module: an ``nn.Linear`` (weight ``(d_out, d_in)``) or a ``Conv1D``
-            (weight ``(d_in, d_out)``).
-
-    Returns:
-        The weight, transposed for ``Conv1D``.
-    """
-    weight = module.weight
-    assert isinstance(weight, Tensor)
-    return weight if isinstance(module, nn.Linear) else weight.t()
 
 
 class DenseFactor(nn.Module):
@@ -139,20 +98,26 @@ def make_factor(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    init: SpectrumInit = "kaiming",
 ) -> Factor:
     """Build one factor of ``adapter``: a :class:`~selora.SparseSpectrum` or a dense one.
 
     Args:
         shape: ``(m, n)`` of the factor.
-        adapter: gives the basis, the budget and the seed.
+        adapter: gives the basis, the budget, the seed and the scale.
         device: where the parameters live.
         dtype: the parameters' dtype (float32 if ``None``).
+        init: ``"kaiming"`` (calibrated) or ``"zero"`` (LoRA's B: built at zero,
+            never calibrated, and ``reset_parameters`` zeroes a spectrum again).
 
     Returns:
-        The factor, calibrated (Kaiming variance).
+        The factor.
     """
     if adapter.basis is None:
-        return DenseFactor(shape, device=device, dtype=dtype)
+        dense = DenseFactor(shape, device=device, dtype=dtype)
+        if init == "zero":
+            dense.reset_zero()
+        return dense
     basis = get_basis(adapter.basis) if isinstance(adapter.basis, str) else adapter.basis
     return SparseSpectrum(
         shape,
@@ -162,7 +127,21 @@ def make_factor(
         seed=adapter.seed,
         device=device,
         dtype=dtype,
+        scale=adapter.scale,
+        init=init,
     )
+
+
+class _Unmerge(nn.Module):
+    """Calls the base's ``unmerged_weight`` so that ``functional_call`` can swap tensors in."""
+
+    def __init__(self, unit: AdapterUnit) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def forward(self, weight: Tensor) -> Tensor:
+        restored: Tensor = self.unit.base.unmerged_weight(self.unit, weight)
+        return restored
 
 
 class AdapterUnit(nn.Module):
@@ -171,10 +150,26 @@ class AdapterUnit(nn.Module):
     :math:`\tilde A` is calibrated and :math:`\tilde B` starts at zero, so an
     adapted model equals its base model at init. The parameters are float32
     (float64 when :math:`W_0` is float64, see :func:`compute_dtype`), whatever
-    the layer's compute dtype. Under ``eval()`` and
-    ``torch.no_grad()`` the factors are formed once and cached; the cache is
-    keyed on the version counters of the unit's parameters, so any in-place
-    change (an optimizer step, ``load_state_dict``) or ``train()`` drops it.
+    the layer's compute dtype.
+
+    Under ``eval()`` and ``torch.no_grad()`` (unmerged inference, generation)
+    the factors are formed once and cached. The cache keeps a copy of every
+    parameter the factors are formed from (the coefficients, or a custom
+    factor's parameters) and is used only while each parameter still equals
+    its copy (same device, dtype, shape and bytes: :math:`O(k)` per call, far
+    cheaper than a transform), with the same factor modules, bases and scales,
+    and the same buffers (the locations: same tensor, same version counter).
+    So the output follows the parameters whatever changed them: an optimizer
+    step, ``load_state_dict``, ``p.data = ...`` or ``p.data.mul_``,
+    ``vector_to_parameters``, an EMA swap. Locations are followed when
+    replaced (``set_locations``, a checkpoint, ``to``) or changed in place
+    (``copy_``); a write into a location buffer through ``.data``, which
+    nothing in torch or selora does (they are neither trainable nor in the
+    state dict), is not seen: comparing the int64 locations by value at every
+    token would triple the bytes each check reads. Dense factors
+    (``basis=None``) are never cached (they are the parameters). The cache is
+    safe to share between threads: an entry is published by one assignment
+    and read once.
 
     Args:
         adapter: the adapter description.
@@ -182,16 +177,35 @@ class AdapterUnit(nn.Module):
         out_features: :math:`d_{out}`.
         weight0: the frozen weight ``(d_out, d_in)`` (its device places the
             factors; bases such as DoRA read it at set-up).
+        name: the unit's name in its model, for messages.
+
+    Attributes:
+        finite_checks: if ``True``, every forward checks the unit's parameters
+            and factors for NaN / inf and raises ``ValueError`` (see
+            :func:`selora.set_finite_checks`). Off by default.
 
     Raises:
         ValueError: if the budget does not fit a factor's shape.
+
+    Warns:
+        UserWarning: if :math:`r > \min(d_{in}, d_{out})`, naming the sizes and
+            the trainable parameter count against the layer's weight count: the
+            update's rank cannot exceed :math:`\min(d_{in}, d_{out})`.
     """
 
     def __init__(
-        self, adapter: SpectralAdapter, in_features: int, out_features: int, weight0: Tensor
+        self,
+        adapter: SpectralAdapter,
+        in_features: int,
+        out_features: int,
+        weight0: Tensor,
+        *,
+        name: str = "",
     ) -> None:
         super().__init__()
         self.adapter = adapter
+        self.name = name
+        self.finite_checks = False
         self.base: AdaptationBase = get_adapter_base(adapter.base)()
         self.scaling = adapter.scaling
         device = weight0.device
@@ -200,12 +214,22 @@ class AdapterUnit(nn.Module):
             (adapter.r, in_features), adapter, device=device, dtype=dtype
         )
         self.lora_B: Factor = make_factor(
-            (out_features, adapter.r), adapter, device=device, dtype=dtype
+            (out_features, adapter.r), adapter, device=device, dtype=dtype, init="zero"
         )
-        self.lora_B.reset_zero()
         self.dropout: nn.Module = nn.Dropout(adapter.dropout) if adapter.dropout else nn.Identity()
-        self._cache: tuple[tuple[Any, ...], Tensor, Tensor] | None = None
+        self._cache: CacheEntry | None = None
+        self._merged_state: dict[str, Tensor] | None = None
         self.base.setup(self, weight0)
+        if adapter.r > min(in_features, out_features):
+            trainable = sum(p.numel() for p in self.parameters())
+            warnings.warn(
+                f"r={adapter.r} exceeds min(d_in={in_features}, d_out={out_features}) = "
+                f"{min(in_features, out_features)}, the largest rank an update of this layer "
+                f"can have: the adapter has {trainable:,} trainable parameters for the "
+                f"layer's {in_features * out_features:,} weights",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def train(self, mode: bool = True) -> AdapterUnit:
         """Switch mode and drop the factor cache."""
@@ -221,15 +245,169 @@ class AdapterUnit(nn.Module):
         Returns:
             ``(A, B)`` with shapes ``(r, d_in)`` and ``(d_out, r)``.
         """
-        if self.training or torch.is_grad_enabled():
-            self._cache = None
-            return self.lora_A(dtype), self.lora_B(dtype)
-        # Buffers count too: a checkpoint may replace a spectrum's locations.
-        tensors = [*self.parameters(), *self.buffers()]
-        key = (dtype, *[(id(t), t._version, t.device) for t in tensors])
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self.lora_A(dtype), self.lora_B(dtype))
-        return self._cache[1], self._cache[2]
+        # Straight from the dict: nn.Module.__getattr__ costs a microsecond a call, per token.
+        modules = self._modules
+        factor_a: Factor = modules["lora_A"]  # type: ignore[assignment]
+        factor_b: Factor = modules["lora_B"]  # type: ignore[assignment]
+        if (
+            self.training
+            or torch.is_grad_enabled()
+            or self.finite_checks
+            or (isinstance(factor_a, DenseFactor) and isinstance(factor_b, DenseFactor))
+        ):
+            a, b = factor_a(dtype), factor_b(dtype)
+            if self.finite_checks:
+                self._check_finite(a, b)
+            return a, b
+        params, buffers, key = cache_key(dtype, factor_a, factor_b)
+        entry = self._cache  # read once: another thread may publish a new entry meanwhile
+        if entry is not None and entry[0] == key and unchanged(params, entry[2]):
+            return entry[3], entry[4]
+        # Copy before forming: if a parameter changes meanwhile, the next call sees it.
+        copies = tuple(p.detach().clone(memory_format=torch.contiguous_format) for p in params)
+        a, b = factor_a(dtype), factor_b(dtype)
+        if not any(t.is_meta for t in (*params, *buffers)):
+            # Published whole, in one assignment; the buffers are held so that their ids
+            # in the key cannot be reused by new tensors.
+            self._cache = (key, tuple(buffers), copies, a, b)
+        return a, b
+
+    def nonfinite(self) -> list[str]:
+        """Name the unit's floating-point parameters and buffers holding NaN or inf.
+
+        Returns:
+            Their names relative to the unit (``"lora_B.coefficients"``), in order.
+        """
+        tensors = [*self.named_parameters(), *self.named_buffers()]
+        return [
+            name
+            for name, t in tensors
+            if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())
+        ]
+
+    def _check_finite(self, a: Tensor, b: Tensor) -> None:
+        where = self.name or "adapter"
+        bad = self.nonfinite()
+        if bad:
+            raise ValueError(
+                f"{where}: {where}.{bad[0]} holds NaN or inf ({len(bad)} non-finite "
+                "tensor(s); selora.set_finite_checks is on)"
+            )
+        for label, factor in (("A", a), ("B", b)):
+            if not bool(torch.isfinite(factor).all()):
+                raise ValueError(
+                    f"{where}: the factor {label} formed from finite coefficients holds NaN "
+                    "or inf (an overflow; selora.set_finite_checks is on)"
+                )
+
+    def merged(self, weight: Tensor, *, safe: bool = False, where: str = "") -> Tensor:
+        r"""Return the merged weight for the stored weight ``weight``, in its dtype.
+
+        The base of adaptation's :meth:`~AdaptationBase.merged_weight` runs in
+        the compute dtype (:func:`compute_dtype`). Nothing is written.
+
+        With ``safe``, three checks run first and raise ``ValueError`` naming
+        ``where``: every parameter and buffer of the unit is finite
+        (:meth:`nonfinite`); the merged weight is finite in ``weight``'s dtype;
+        and unmerging it would restore :math:`W_0`:
+        :math:`\max|W_0' - W_0| \le \sqrt{\epsilon}\,\max|W_0|`, with
+        :math:`W_0'` the round trip and :math:`\epsilon` the machine epsilon of
+        ``weight``'s dtype (float32: :math:`3.5 \cdot 10^{-4}` of the largest
+        entry, bfloat16: :math:`0.088`). An update so large that merging rounds
+        :math:`W_0` away (:math:`W_0 + 10^{30} = 10^{30}` in float32) fails the
+        last check though every number is finite.
+
+        Args:
+            weight: the stored :math:`W_0` as ``(d_out, d_in)``.
+            safe: run the checks.
+            where: the layer's name for messages.
+
+        Returns:
+            The merged weight, ``weight``'s dtype and shape.
+
+        Raises:
+            RuntimeError: if the base of adaptation cannot be merged.
+            ValueError: with ``safe``, if a check fails.
+        """
+        where = where or self.name or "this layer"
+        if not self.base.mergeable:
+            raise RuntimeError(f"{where}: base {self.adapter.base!r} cannot be merged")
+        if safe:
+            bad = self.nonfinite()
+            if bad:
+                raise ValueError(
+                    f"{where}: adapter tensor {bad[0]!r} holds NaN or inf; nothing was merged"
+                )
+        cdtype = compute_dtype(weight.dtype)
+        weight0 = weight.to(cdtype)
+        merged = self.base.merged_weight(self, weight0).to(weight.dtype)
+        if safe:
+            self._check_round_trip(weight0, merged, where)
+        return merged
+
+    def _check_round_trip(self, weight0: Tensor, merged: Tensor, where: str) -> None:
+        if not bool(torch.isfinite(merged).all()):
+            raise ValueError(
+                f"{where}: the merged weight holds NaN or inf in {merged.dtype}; nothing was merged"
+            )
+        try:
+            restored = self.base.unmerged_weight(self, merged.to(weight0.dtype))
+        except RuntimeError as exc:
+            raise ValueError(
+                f"{where}: merging could not be undone ({exc}); nothing was merged"
+            ) from exc
+        restored = restored.to(merged.dtype).to(weight0.dtype)
+        eps = torch.finfo(merged.dtype).eps
+        scale = float(weight0.abs().max()) if weight0.numel() else 0.0
+        error = float((restored - weight0).abs().max()) if weight0.numel() else 0.0
+        tolerance = math.sqrt(eps) * scale if scale > 0 else 4 * eps * float(merged.abs().max())
+        if not error <= tolerance:  # NaN fails too
+            raise ValueError(
+                f"{where}: unmerging would not restore the frozen weight (a merge and unmerge "
+                f"round trip is off by up to {error:.3g} for entries up to {scale:.3g}, "
+                f"tolerance {tolerance:.3g} in {merged.dtype}): the update is too large to "
+                "merge reversibly; nothing was merged"
+            )
+
+    def record_merge(self) -> None:
+        """Remember the tensors just merged, so that :meth:`unmerged` undoes exactly that.
+
+        A copy of every parameter and buffer (:math:`O(k)`); it is dropped by
+        :meth:`unmerged`.
+        """
+        self._merged_state = {
+            name: t.detach().clone()
+            for name, t in [*self.named_parameters(), *self.named_buffers()]
+        }
+
+    def unmerged(self, weight: Tensor) -> Tensor:
+        r"""Return :math:`W_0` from the merged weight ``weight``, in its dtype.
+
+        The update undone is the one recorded by :meth:`record_merge`: if the
+        adapter changed while merged (an optimizer step, ``p.data``), the
+        recorded tensors are used instead of the current ones, so that the
+        frozen weight is not shifted by the difference.
+
+        Args:
+            weight: the stored merged weight as ``(d_out, d_in)``.
+
+        Returns:
+            The restored weight, ``weight``'s dtype and shape.
+        """
+        state, self._merged_state = self._merged_state, None
+        current = dict([*self.named_parameters(), *self.named_buffers()])
+        merged = weight.to(compute_dtype(weight.dtype))
+        if (
+            state is None
+            or state.keys() != current.keys()
+            or unchanged(list(current.values()), tuple(state[name] for name in current))
+        ):
+            restored: Tensor = self.base.unmerged_weight(self, merged)
+        else:
+            restored = functional_call(
+                _Unmerge(self), {f"unit.{name}": t for name, t in state.items()}, (merged,)
+            )
+        return restored.to(weight.dtype)
 
     def forward(self, x: Tensor, base_out: Tensor, weight0: Tensor, bias: Tensor | None) -> Tensor:
         """Apply the base of adaptation to the frozen layer's output.
@@ -251,6 +429,23 @@ class AdapterUnit(nn.Module):
         return f"base={self.adapter.base!r}, scaling={self.scaling:g}"
 
 
+def _refuse_load_while_merged(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any
+) -> None:
+    """``load_state_dict`` pre-hook: refuse adapter tensors while the layer is merged."""
+    if not getattr(module, "merged", False):
+        return
+    frozen = prefix + "base_layer."
+    keys = [k for k in state_dict if k.startswith(prefix) and not k.startswith(frozen)]
+    if keys:
+        name = getattr(module, "name", "") or prefix.rstrip(".") or "this layer"
+        raise RuntimeError(
+            f"{name}: cannot load {keys[0]!r} while the adapter is merged into the frozen "
+            "weight (the merged weight would keep the old update); unmerge() first, load, "
+            "then merge() again"
+        )
+
+
 class SpectralLayer(nn.Module):
     r"""A frozen ``nn.Linear`` / ``Conv1D`` with one spectral adapter.
 
@@ -270,13 +465,17 @@ class SpectralLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, adapter: SpectralAdapter, *, name: str = "") -> None:
         super().__init__()
         weight0 = self._hold_base_layer(base_layer, name)
-        self.adapter = AdapterUnit(adapter, self.in_features, self.out_features, weight0)
+        self.adapter = AdapterUnit(
+            adapter, self.in_features, self.out_features, weight0, name=f"{name}.adapter"
+        )
 
     def _hold_base_layer(self, base_layer: nn.Module, name: str) -> Tensor:
         """Check, freeze and keep ``base_layer``; set sizes and flags; return :math:`W_0`.
 
         Wrappers with another set of adapter units (X-LoRA's experts) share it.
         """
+        if is_quantized_layer(base_layer):
+            raise quantized_layer_error(base_layer, name)
         if not is_supported_layer(base_layer):
             raise TypeError(
                 f"selora adapts nn.Linear and transformers' Conv1D; {name or 'the module'} "
@@ -290,6 +489,10 @@ class SpectralLayer(nn.Module):
         self.name = name
         self.merged = False
         self.disabled = False
+        # The private form takes the module too on torch 2.4 (the public one is 2.5+).
+        self._register_load_state_dict_pre_hook(  # type: ignore[no-untyped-call]
+            _refuse_load_while_merged, with_module=True
+        )
         return weight0
 
     @property
@@ -312,32 +515,53 @@ class SpectralLayer(nn.Module):
     def merge(self) -> None:
         """Fold the update into the wrapped layer's weight (no-op if merged).
 
+        Unchecked, as PEFT's default; :meth:`check_merge` first (or
+        ``selora.merge(model, safe=True)``) refuses a merge that would destroy
+        the frozen weight.
+
         Raises:
             RuntimeError: if the base of adaptation cannot be merged.
         """
         if self.merged:
             return
-        if not self.adapter.base.mergeable:
-            raise RuntimeError(
-                f"{self.name or 'this layer'}: base {self.adapter.adapter.base!r} cannot be merged"
-            )
         weight0 = frozen_weight(self.base_layer)
-        merged = self.adapter.base.merged_weight(
-            self.adapter, weight0.to(compute_dtype(weight0.dtype))
-        )
-        weight0.copy_(merged.to(weight0.dtype))
+        merged = self.adapter.merged(weight0, where=self.name)
+        weight0.copy_(merged)
+        self.adapter.record_merge()
         self.merged = True
 
     @torch.no_grad()
+    def check_merge(self) -> None:
+        """Check that :meth:`merge` is safe, writing nothing (no-op if merged).
+
+        The checks of :meth:`AdapterUnit.merged` with ``safe=True``: finite
+        adapter tensors, a finite merged weight, and a merge that unmerge can
+        undo.
+
+        Raises:
+            RuntimeError: if the layer cannot be merged (X-LoRA).
+            ValueError: if a check fails (naming the layer).
+        """
+        if self.merged:
+            return
+        if not getattr(self, "mergeable", True):
+            self.merge()  # raises, saying why
+        self.adapter.merged(frozen_weight(self.base_layer), safe=True, where=self.name)
+
+    @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore :math:`W_0` from the merged weight (no-op if not merged)."""
+        """Restore :math:`W_0` from the merged weight (no-op if not merged).
+
+        The update subtracted is the one merged, even if the adapter changed
+        since (:meth:`AdapterUnit.unmerged`). The restored weight is :math:`W_0`
+        up to float rounding (about the dtype's epsilon times the merged
+        weight's entries); a merge of a non-finite or huge update cannot be
+        undone, which ``merge(safe=True)`` refuses up front.
+        """
         if not self.merged:
             return
         weight = frozen_weight(self.base_layer)
-        restored = self.adapter.base.unmerged_weight(
-            self.adapter, weight.to(compute_dtype(weight.dtype))
-        )
-        weight.copy_(restored.to(weight.dtype))
+        weight.copy_(self.adapter.unmerged(weight))
         self.merged = False
 
     def extra_repr(self) -> str:

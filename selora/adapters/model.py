@@ -7,20 +7,28 @@ import re
 import warnings
 from collections.abc import Iterator, Sequence
 
+import torch
 from torch import nn
 
 from selora.adapters.config import SpectralAdapter
-from selora.adapters.layer import SpectralLayer, is_supported_layer
+from selora.adapters.layer import AdapterUnit, SpectralLayer
+from selora.adapters.layer_types import (
+    is_quantized_layer,
+    is_supported_layer,
+    quantized_layer_error,
+)
 from selora.adapters.registry import get_adapter_base
 
 __all__ = [
     "adapter_config",
     "adapter_layers",
+    "check_finite",
     "disable_adapters",
     "inject",
     "merge",
     "parameter_summary",
     "print_trainable_parameters",
+    "set_finite_checks",
     "trainable_parameters",
     "unload",
     "unmerge",
@@ -66,7 +74,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def inject(model: nn.Module, adapter: SpectralAdapter) -> nn.Module:
-    """Wrap every targeted layer of ``model`` in place and freeze everything else.
+    r"""Wrap every targeted layer of ``model`` in place and freeze everything else.
 
     Every parameter of the model is frozen, each targeted ``nn.Linear`` /
     ``Conv1D`` is replaced by the base's wrapper (a :class:`SpectralLayer`),
@@ -86,11 +94,16 @@ def inject(model: nn.Module, adapter: SpectralAdapter) -> nn.Module:
             a ``modules_to_save`` name matches nothing, or a target cannot be
             adapted (a budget larger than a factor, an odd size for a wavelet
             basis: the message names the module, and the model is left as it was).
-        TypeError: if a matched module is of an unsupported type.
+        TypeError: if a matched module is of an unsupported type, or quantized
+            (bitsandbytes' ``Linear4bit`` / ``Linear8bitLt`` and the like, see
+            :func:`~selora.adapters.layer.is_quantized_layer`): the message names
+            the module and its type.
 
     Warns:
         UserWarning: if ``adapter.exclude_modules`` matches no module of the
-            model (as PEFT warns), since a misspelt exclusion changes nothing.
+            model (as PEFT warns), since a misspelt exclusion changes nothing;
+            if ``adapter.r`` exceeds :math:`\min(d_{in}, d_{out})` of a layer
+            (see :class:`~selora.adapters.AdapterUnit`).
     """
     if any(isinstance(m, SpectralLayer) for m in model.modules()) or hasattr(model, _CONFIG_ATTR):
         raise ValueError("this model already holds a selora adapter; unload() it first")
@@ -118,6 +131,8 @@ def inject(model: nn.Module, adapter: SpectralAdapter) -> nn.Module:
             stacklevel=2,
         )
     for name, module in matched:
+        if is_quantized_layer(module):
+            raise quantized_layer_error(module, name)
         if not is_supported_layer(module):
             raise TypeError(
                 f"target {name!r} is a {type(module).__name__}; selora adapts nn.Linear "
@@ -195,25 +210,49 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, SpectralLayer]]:
             yield name, module
 
 
-def merge(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its frozen weight; inference then costs what the base model costs.
+def merge(model: nn.Module, *, safe: bool = False) -> nn.Module:
+    r"""Fold every adapter into its frozen weight; inference then costs what the base model costs.
+
+    What :func:`unmerge` can restore. Merging writes :math:`W = W_0 + \Delta W`
+    (LoRA; DoRA and HiRA likewise) in the weight's dtype, and unmerging
+    computes :math:`W - \Delta W`. That gives back :math:`W_0` up to float
+    rounding, about :math:`\epsilon \max|W|` per entry (:math:`\epsilon`:
+    the dtype's machine epsilon, so more for bfloat16 than float32); the
+    adapter may even change while merged (:func:`unmerge` subtracts the
+    update that was merged). It cannot restore a weight once a NaN or inf
+    update was merged, nor one that an update much larger than :math:`W_0`
+    rounded away (:math:`W_0 + 10^{30} = 10^{30}` in float32): the base
+    weight is then lost for good. ``safe=True`` refuses such merges up front.
 
     Args:
         model: an adapted model.
+        safe: check every layer before writing any: every adapter tensor is
+            finite (:func:`check_finite`), every merged weight is finite in its
+            dtype, and unmerging would restore :math:`W_0` to within
+            :math:`\sqrt{\epsilon}\,\max|W_0|`
+            (:meth:`~selora.adapters.AdapterUnit.merged`). On failure nothing
+            changes. It costs a second dense computation per layer.
 
     Returns:
         ``model``.
 
     Raises:
-        RuntimeError: if a base of adaptation cannot be merged (X-LoRA).
+        RuntimeError: if a base of adaptation cannot be merged (X-LoRA); with
+            ``safe``, before anything is written.
+        ValueError: with ``safe``, if a check fails, naming the layer (and the
+            tensor, for a non-finite one); nothing is merged.
     """
-    for _, layer in adapter_layers(model):
+    layers = [layer for _, layer in adapter_layers(model)]
+    if safe:
+        for layer in layers:
+            layer.check_merge()
+    for layer in layers:
         layer.merge()
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Undo :func:`merge`, restoring each frozen weight.
+    """Undo :func:`merge`, restoring each frozen weight (up to float rounding, see :func:`merge`).
 
     Args:
         model: an adapted model.
@@ -277,6 +316,75 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             layer.disabled = disabled
             if merged:
                 layer.merge()
+
+
+def _nonfinite_adapter_tensors(model: nn.Module) -> list[str]:
+    units = [(name, m) for name, m in model.named_modules() if isinstance(m, AdapterUnit)]
+    bad = [
+        f"{name}.{local}" if name else local for name, unit in units for local in unit.nonfinite()
+    ]
+    in_units = {id(p) for _, unit in units for p in unit.parameters()}
+    for name, p in model.named_parameters():
+        candidate = p.requires_grad and id(p) not in in_units and p.is_floating_point()
+        if candidate and not p.is_meta and not bool(torch.isfinite(p).all()):
+            bad.append(name)
+    return bad
+
+
+def check_finite(model: nn.Module) -> None:
+    """Check every adapter tensor of ``model`` for NaN and inf (PEFT's check at merge).
+
+    Checked: the parameters and floating-point buffers of every adapter unit
+    (coefficients, dense factors, DoRA magnitudes), whichever front door put
+    them there (:func:`inject`, the PEFT bridge, X-LoRA's experts), and every
+    other trainable parameter (``modules_to_save``, X-LoRA's classifier). Not
+    checked: the frozen base weights, activations, gradients and optimizer
+    state. :func:`merge` with ``safe=True`` runs the same check. One
+    ``isfinite`` pass over each tensor (:math:`O(k)` per factor).
+
+    Args:
+        model: an adapted model.
+
+    Raises:
+        ValueError: naming the first non-finite tensor (and how many there are).
+    """
+    bad = _nonfinite_adapter_tensors(model)
+    if bad:
+        raise ValueError(
+            f"{bad[0]} holds NaN or inf ({len(bad)} non-finite adapter tensor(s): {bad[:5]})"
+        )
+
+
+def set_finite_checks(model: nn.Module, enabled: bool = True) -> nn.Module:
+    r"""Make every adapted layer raise on NaN or inf in its adapter at each forward (fail fast).
+
+    Off by default, at no cost. On, each adapter unit checks its parameters
+    and the factors it forms (:math:`\tilde A`, :math:`\tilde B`) at every
+    forward and raises ``ValueError`` naming the layer and the tensor; the
+    eval factor cache is bypassed meanwhile. A training run then stops at the
+    first forward after a step that made a coefficient non-finite, instead of
+    training on silently. Not checked: activations, gradients, optimizer
+    state and the frozen weights (``torch.autograd.set_detect_anomaly``
+    catches NaN in the backward pass). Each check reads the tensors back
+    (a device sync on a GPU).
+
+    Args:
+        model: an adapted model.
+        enabled: turn the checks on (``True``) or off.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: if ``model`` holds no adapter unit.
+    """
+    units = [(name, m) for name, m in model.named_modules() if isinstance(m, AdapterUnit)]
+    if not units:
+        raise ValueError(f"{type(model).__name__} holds no selora adapter")
+    for name, unit in units:
+        unit.finite_checks = enabled
+        unit.name = unit.name or name
+    return model
 
 
 def trainable_parameters(model: nn.Module) -> int:

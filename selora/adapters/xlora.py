@@ -68,7 +68,7 @@ __all__ = [
 ]
 
 _CONFIG_ATTR = "selora_adapter"  # where selora.adapters.model keeps the adapter
-_EXPERT_FIELDS = ("basis", "r", "alpha", "sparse_ratio", "n_coeffs", "seed", "dropout")
+_EXPERT_FIELDS = ("basis", "r", "alpha", "sparse_ratio", "n_coeffs", "seed", "dropout", "scale")
 _DEFAULTS: dict[str, Any] = {
     "n_experts": None,
     "layerwise": False,
@@ -206,7 +206,7 @@ def _load_experts(layers: list[XLoRALayer], sources: list[_Source]) -> None:
             )
     with torch.no_grad():
         for spectrum, indices in relocate:
-            spectrum.indices = indices.to(spectrum.indices.device, torch.int64)
+            spectrum.set_locations(indices)  # and recompute its scale factor
         for target, source in copies:
             target.copy_(source)
     for layer in layers:
@@ -247,13 +247,14 @@ class XLoRA(AdaptationBase):
     * ``experts`` (None or K paths): adapters saved by
       :func:`selora.adapters.io.save_adapter`, loaded into the experts; each
       must be a ``lora`` adapter of the same ``r`` over the same modules, and
-      keeps its own basis, budget, seed, ``alpha`` and dropout. After
+      keeps its own basis, budget, seed, scale, ``alpha`` and dropout. After
       injection the model's config records them inline in
       ``expert_adapters`` (and ``experts`` becomes None), so a checkpoint of
       the X-LoRA model is self-contained.
     * ``expert_adapters`` (None or K dicts of ``basis``, ``r``, ``alpha``,
-      ``sparse_ratio``, ``n_coeffs``, ``seed``, ``dropout``): each expert's
-      description; None derives every expert from the adapter itself.
+      ``sparse_ratio``, ``n_coeffs``, ``seed``, ``dropout``, ``scale``): each
+      expert's description (without ``scale``, the adapter's); None derives
+      every expert from the adapter itself.
     * ``freeze_experts`` (bool; default True when loading ``experts``, else
       False): train only the classifier, X-LoRA's usual recipe.
 
@@ -363,7 +364,10 @@ class XLoRA(AdaptationBase):
             ]
             specs = [_expert_adapter(_spec_of(saved)) for _, saved, _, _ in self._sources]
         elif options["expert_adapters"] is not None:
-            specs = [_expert_adapter(dict(s)) for s in options["expert_adapters"]]
+            # an expert without a scale (saved before the option) takes the adapter's
+            specs = [
+                _expert_adapter({"scale": adapter.scale, **s}) for s in options["expert_adapters"]
+            ]
             for i, spec in enumerate(specs):
                 if spec.r != adapter.r:
                     raise ValueError(

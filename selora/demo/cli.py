@@ -72,13 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--epochs", type=_positive_int, default=2, help="passes over the training split"
     )
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
-    parser.add_argument("--batch-size", type=_positive_int, default=32, help="rows per step")
     parser.add_argument(
-        "--lr-scaling", choices=["matched", "none"], default="matched",
-        help="'matched' scales each coefficient vector's learning rate so that a step moves "
-        "its factor as much as a dense factor's step",
-    )  # fmt: skip
+        "--lr", type=float, default=1e-3, help="peak learning rate (AdamW), one for every parameter"
+    )
+    parser.add_argument("--batch-size", type=_positive_int, default=32, help="rows per step")
     parser.add_argument(
         "--output", "-o", type=Path, default=Path("demo_results.png"), help="PNG plot to write"
     )  # fmt: skip
@@ -165,8 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         n_coeffs=args.n_coeffs, head_only=args.head_only,
     )  # fmt: skip
     config = TrainConfig(
-        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-        lr_scaling=args.lr_scaling, progress=args.progress,
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, progress=args.progress,
     )  # fmt: skip
     print(
         f"Loading all-MiniLM-L6-v2 and the VADER lexicon ({args.threads} threads) ...",

@@ -26,11 +26,13 @@ from torch import Tensor
 __all__ = [
     "SPLIT_SEED",
     "TEST_FRACTION",
+    "VALIDATION_SEED",
     "LexiconEntry",
     "TokenizedSplit",
     "lexicon_path",
     "load_vader_lexicon",
     "train_test_split",
+    "train_validation_split",
     "tokenize",
 ]
 
@@ -39,6 +41,9 @@ SPLIT_SEED = 0
 
 TEST_FRACTION = 0.2
 """Fraction of the lexicon held out for testing."""
+
+VALIDATION_SEED = 1
+"""Seed of the permutation that holds a validation split out of the training split."""
 
 
 @dataclass(frozen=True)
@@ -158,6 +163,35 @@ def train_test_split(
     perm = rng.permutation(n).astype(np.int64)
     n_test = min(max(1, round(n * test_fraction)), n - 1)
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+def train_validation_split(
+    train: np.ndarray[Any, np.dtype[np.int64]],
+    fraction: float,
+    *,
+    seed: int = VALIDATION_SEED,
+) -> tuple[np.ndarray[Any, np.dtype[np.int64]], np.ndarray[Any, np.dtype[np.int64]]]:
+    """Hold a fixed fraction of the training indices out for validation.
+
+    The held-out test split is not involved: tune on this validation split,
+    report on the test split. Like :func:`train_test_split`, the result depends
+    only on ``(train, fraction, seed)``.
+
+    Args:
+        train: the training indices (from :func:`train_test_split`).
+        fraction: fraction of them held out, in ``(0, 1)``.
+        seed: the permutation's seed.
+
+    Returns:
+        ``(fit, validation)``: two sorted, disjoint subsets of ``train``
+        whose union is ``train``.
+
+    Raises:
+        ValueError: if ``train`` has fewer than two items or ``fraction`` is
+            outside ``(0, 1)``.
+    """
+    fit, val = train_test_split(len(train), test_fraction=fraction, seed=seed)
+    return np.sort(train[fit]), np.sort(train[val])
 
 
 @dataclass

@@ -45,7 +45,10 @@ class Summary:
 
 
 def _std(values: Sequence[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
+    if len(values) < 2:
+        return 0.0
+    # statistics.stdev raises on a NaN (a diverged run's score) before Python 3.12
+    return math.nan if any(math.isnan(v) for v in values) else statistics.stdev(values)
 
 
 def summarize(results: Sequence[RunResult]) -> list[Summary]:

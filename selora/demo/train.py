@@ -20,19 +20,22 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from selora.demo.data import TokenizedSplit, load_vader_lexicon, tokenize, train_test_split
+from selora.demo.data import (
+    TokenizedSplit,
+    load_vader_lexicon,
+    tokenize,
+    train_test_split,
+    train_validation_split,
+)
 from selora.demo.metrics import pearson, rmse, sign_accuracy, spearman
 from selora.demo.model import HIDDEN_SIZE, SentimentRegressor, load_encoder, load_tokenizer
-from selora.spectral_bases import SparseSpectrum
 
 __all__ = [
     "DEFAULT_TARGETS",
-    "LrScaling",
     "Method",
     "RunResult",
     "SentimentTask",
     "TrainConfig",
-    "coefficient_lr_multiplier",
     "fit_linear_probe",
     "run",
     "run_grid",
@@ -41,8 +44,6 @@ __all__ = [
 
 DEFAULT_TARGETS = ("query", "value")
 """The encoder's layers that the demo adapts (as in the LoRA paper)."""
-
-LrScaling = Literal["matched", "none"]
 
 # tqdm ships no type hints; import it untyped rather than require its stubs.
 _tqdm: Any = importlib.import_module("tqdm.auto").tqdm
@@ -120,16 +121,16 @@ class Method:
 class TrainConfig:
     """Optimisation settings shared by every method of a comparison.
 
+    One learning rate for every trainable parameter, as a ``transformers.Trainer``
+    user has: selora's coefficients are on LoRA's scale (``scale="lora"``), so
+    the same ``lr`` moves a spectral factor as much as a dense one.
+
     Attributes:
         epochs: passes over the training split.
         lr: AdamW's peak learning rate.
         batch_size: rows per step.
         weight_decay: AdamW's decoupled weight decay.
         warmup: fraction of the steps with a linear warm-up (then linear decay to 0).
-        lr_scaling: ``"matched"`` multiplies the learning rate of each spectral
-            coefficient vector by :func:`coefficient_lr_multiplier`, so that one
-            Adam step moves the dense factor as much as it moves a dense LoRA
-            factor; ``"none"`` uses ``lr`` everywhere.
         eval_batch_size: rows per evaluation step.
         progress: show tqdm progress bars.
     """
@@ -139,7 +140,6 @@ class TrainConfig:
     batch_size: int = 32
     weight_decay: float = 0.0
     warmup: float = 0.06
-    lr_scaling: LrScaling = "matched"
     eval_batch_size: int = 256
     progress: bool = True
 
@@ -160,6 +160,9 @@ class RunResult:
         epoch_losses: mean training loss of each epoch (for a linear probe,
             its one closed-form fit's training MSE).
         spec: the method's fields.
+        validation: the same four scores on the validation split, when the
+            task holds one out (:class:`SentimentTask`'s ``val_fraction``);
+            empty otherwise.
     """
 
     method: str
@@ -172,6 +175,7 @@ class RunResult:
     wall_s: float
     epoch_losses: list[float] = field(default_factory=list)
     spec: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable dict of every field."""
@@ -184,16 +188,39 @@ class SentimentTask:
     Args:
         max_train: keep only the first rows of the training split (smoke runs).
         max_test: keep only the first rows of the test split.
+        val_fraction: hold this fraction of the training split out as a
+            validation split (:func:`selora.demo.data.train_validation_split`;
+            the test split is unchanged); 0 for none.
+        max_val: keep only the first rows of the validation split.
+
+    Attributes:
+        train: the split that trains.
+        val: the validation split, or ``None`` when ``val_fraction`` is 0.
+        test: the held-out test split.
     """
 
-    def __init__(self, max_train: int | None = None, max_test: int | None = None) -> None:
+    def __init__(
+        self,
+        max_train: int | None = None,
+        max_test: int | None = None,
+        *,
+        val_fraction: float = 0.0,
+        max_val: int | None = None,
+    ) -> None:
         entries = load_vader_lexicon()
         train_idx, test_idx = train_test_split(len(entries))
+        val_idx = None
+        if val_fraction:
+            train_idx, val_idx = train_validation_split(train_idx, val_fraction)
         self.tokenizer = load_tokenizer()
         self.train: TokenizedSplit = tokenize([entries[i] for i in train_idx], self.tokenizer)
         self.test: TokenizedSplit = tokenize([entries[i] for i in test_idx], self.tokenizer)
         self.train = self.train.subset(max_train)
         self.test = self.test.subset(max_test)
+        self.val: TokenizedSplit | None = None
+        if val_idx is not None:
+            val = tokenize([entries[i] for i in val_idx], self.tokenizer)
+            self.val = val.subset(max_val)
         self._encoder = load_encoder()
         self._features: dict[str, Tensor] = {}
 
@@ -208,75 +235,28 @@ class SentimentTask:
         return SentimentRegressor(copy.deepcopy(self._encoder), HIDDEN_SIZE).train()
 
     @torch.no_grad()
-    def features(self, split: Literal["train", "test"]) -> Tensor:
+    def features(self, split: Literal["train", "val", "test"]) -> Tensor:
         """Pooled embeddings of the frozen encoder (eval mode), computed once per split.
 
         Args:
-            split: ``"train"`` or ``"test"``.
+            split: ``"train"``, ``"val"`` or ``"test"``.
 
         Returns:
             ``(N, hidden)`` float32 features.
+
+        Raises:
+            ValueError: for ``"val"`` when the task holds no validation split.
         """
         if split not in self._features:
-            data = self.train if split == "train" else self.test
+            data = {"train": self.train, "val": self.val, "test": self.test}[split]
+            if data is None:
+                raise ValueError("this task holds no validation split (val_fraction=0)")
             probe = SentimentRegressor(self._encoder, HIDDEN_SIZE).eval()
             feats = torch.empty(len(data), HIDDEN_SIZE)
             for rows in data.batches(256, shuffle=False):  # grouped by length: little padding
                 feats[rows] = probe.embed(*data.batch(rows)[:2])
             self._features[split] = feats
         return self._features[split]
-
-
-def coefficient_lr_multiplier(spectrum: SparseSpectrum, n_probes: int = 4) -> float:
-    r"""Learning-rate multiplier that matches a spectral factor's step to a dense one's.
-
-    A basis maps a change :math:`\delta s` of the ``k`` coefficients to a change
-    :math:`T(\operatorname{scatter}(\delta s))` of the dense factor. Adam moves
-    every coefficient by about the learning rate, so the factor moves by
-    :math:`a \cdot \mathrm{lr}` with the amplification
-    :math:`a = \operatorname{rms} T(\operatorname{scatter}(z)) / \operatorname{rms} z`,
-    where a dense factor has :math:`a = 1`. Orthonormal bases with a fraction
-    :math:`k/mn` of active positions have :math:`a = \sqrt{k/mn}`; the Fourier
-    basis, normalised by :math:`1/mn`, has :math:`a \approx \sqrt{k/2}/(mn)`,
-    orders of magnitude smaller. The multiplier is :math:`1/a`, estimated with
-    random probes from a private generator (the global RNG is untouched).
-
-    Args:
-        spectrum: a :class:`selora.SparseSpectrum`.
-        n_probes: number of random probes averaged.
-
-    Returns:
-        :math:`1/a`.
-    """
-    gen = torch.Generator().manual_seed(0)
-    coeffs = spectrum.coefficients
-    m, n = spectrum.shape
-    k = int(coeffs.numel())
-    with torch.no_grad():
-        z = torch.randn(n_probes, k, generator=gen, dtype=torch.float64)
-        flat = torch.zeros(n_probes, m * n, dtype=torch.float64)
-        flat[:, spectrum.indices.cpu()] = z
-        dense = spectrum.basis(flat.view(n_probes, m, n))
-        amplification = float(dense.pow(2).mean().sqrt() / z.pow(2).mean().sqrt())
-    return 1.0 / amplification
-
-
-def _param_groups(
-    model: nn.Module, config: TrainConfig
-) -> tuple[list[dict[str, Any]], list[nn.Parameter]]:
-    scaled: dict[float, list[nn.Parameter]] = {}
-    seen: set[int] = set()
-    if config.lr_scaling == "matched":
-        for module in model.modules():
-            if isinstance(module, SparseSpectrum) and module.coefficients.requires_grad:
-                mult = round(coefficient_lr_multiplier(module), 3)
-                scaled.setdefault(mult, []).append(module.coefficients)
-                seen.add(id(module.coefficients))
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
-    groups: list[dict[str, Any]] = [{"params": rest, "lr": config.lr}] if rest else []
-    groups += [{"params": ps, "lr": config.lr * mult} for mult, ps in sorted(scaled.items())]
-    params = rest + [p for ps in scaled.values() for p in ps]
-    return groups, params
 
 
 def _schedule(total: int, warmup: float) -> Any:
@@ -298,8 +278,8 @@ def _fit(
     seed: int,
     desc: str,
 ) -> list[float]:
-    groups, _ = _param_groups(model, config)
-    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps = config.epochs * data.n_batches(config.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(steps, config.warmup))
     losses: list[float] = []
@@ -383,6 +363,9 @@ def predict(model: SentimentRegressor, data: TokenizedSplit, batch_size: int = 2
 def run(task: SentimentTask, method: Method, seed: int, config: TrainConfig) -> RunResult:
     """Fine-tune ``method`` with ``seed`` on a fresh encoder and score it on the test split.
 
+    When the task holds a validation split, the run is scored on it too
+    (:attr:`RunResult.validation`).
+
     Args:
         task: the loaded task.
         method: what to train.
@@ -402,6 +385,7 @@ def run(task: SentimentTask, method: Method, seed: int, config: TrainConfig) -> 
         train_mse = float(((feats @ weight + bias - targets) ** 2).mean())
         losses = [train_mse]
         pred = task.features("test") @ weight + bias
+        val_pred = None if task.val is None else task.features("val") @ weight + bias
         trainable = HIDDEN_SIZE + 1
     else:
         from selora import inject, trainable_parameters
@@ -417,13 +401,15 @@ def run(task: SentimentTask, method: Method, seed: int, config: TrainConfig) -> 
 
         losses = _fit(step, model, task.train, config, seed, desc)
         pred = predict(model, task.test, config.eval_batch_size)
+        val_pred = None if task.val is None else predict(model, task.val, config.eval_batch_size)
         trainable = trainable_parameters(model)
     wall = time.perf_counter() - start
     spec = {k: v for k, v in asdict(method).items() if k != "targets"}
     spec["targets"] = list(method.targets)
+    validation = {} if task.val is None or val_pred is None else _scores(val_pred, task.val.targets)
     return RunResult(
         method=method.label, seed=seed, trainable=int(trainable), wall_s=wall,
-        epoch_losses=losses, spec=spec, **_scores(pred, task.test.targets),
+        epoch_losses=losses, spec=spec, validation=validation, **_scores(pred, task.test.targets),
     )  # fmt: skip
 
 

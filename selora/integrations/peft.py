@@ -34,7 +34,11 @@ from peft.utils.peft_types import PeftType, register_peft_method
 from torch import nn
 
 from selora.adapters.config import SpectralAdapter
-from selora.adapters.layer import is_supported_layer
+from selora.adapters.layer_types import (
+    is_quantized_layer,
+    is_supported_layer,
+    quantized_layer_error,
+)
 from selora.adapters.registry import AdaptationBase, get_adapter_base
 from selora.integrations.peft_layer import UNITS_ATTR, SeloraLayer, SeloraLinear
 from selora.spectral_bases import get_basis
@@ -49,6 +53,7 @@ __all__ = [
     "SeloraModel",
     "register",
 ]
+
 
 class SeloraPeftType(str):
     """The ``peft_type`` of selora: a string that also answers like a member of PEFT's enum.
@@ -97,6 +102,7 @@ _SPECTRAL_FIELDS = (
     "dropout",
     "seed",
     "base_options",
+    "scale",
 )
 
 
@@ -145,6 +151,12 @@ class SeloraConfig(PeftConfig):
         dropout: dropout on the adapter's input.
         seed: seeds the spectral locations.
         base_options: options of the base of adaptation.
+        scale: ``"lora"`` or ``"paper"``, how the spectral factors are scaled
+            (see :class:`~selora.SpectralAdapter`). ``None`` resolves at
+            construction: to ``"lora"`` for a new config, and to ``"paper"``
+            for one read back from a file (it carries a ``peft_type``) that has
+            no ``scale``, a checkpoint saved before the option existed, so it
+            computes what it computed then.
     """
 
     basis: str | None = field(default="fft", metadata={"help": "Registered basis name or None."})
@@ -167,11 +179,16 @@ class SeloraConfig(PeftConfig):
     base_options: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "Options of the base of adaptation."}
     )
+    scale: str | None = field(
+        default=None, metadata={"help": "'lora' (LoRA's lr carries over) or 'paper' (FoRA eq. 3)."}
+    )
 
     def __post_init__(self) -> None:
         """Set the PEFT type, normalise the containers and validate through SpectralAdapter."""
         parent: Any = super()  # PeftConfig.__post_init__ is unannotated
         parent.__post_init__()
+        if self.scale is None:  # a saved config always carries its peft_type
+            self.scale = "lora" if self.peft_type is None else "paper"
         self.peft_type = PEFT_TYPE
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)
@@ -206,6 +223,7 @@ class SeloraConfig(PeftConfig):
             dropout=self.dropout,
             seed=self.seed,
             base_options=dict(self.base_options),
+            scale=self.scale,  # type: ignore[arg-type]  # validated by SpectralAdapter
         )
 
     def to_spectral_adapter(self) -> SpectralAdapter:
@@ -255,7 +273,7 @@ class SeloraConfig(PeftConfig):
         """Return the spectral fields (those of :class:`~selora.SpectralAdapter`) by name.
 
         Returns:
-            A dict of the twelve fields.
+            A dict of the thirteen fields.
         """
         data = dataclasses.asdict(self)
         return {name: data[name] for name in _SPECTRAL_FIELDS}
@@ -300,7 +318,8 @@ class SeloraModel(BaseTuner):
 
         Raises:
             TypeError: if the matched module is neither a supported layer nor a
-                selora layer.
+                selora layer, or is quantized (bitsandbytes and the like; the
+                message names the module and its type).
         """
         if not isinstance(peft_config, SeloraConfig):
             raise TypeError(f"expected a SeloraConfig; got {type(peft_config).__name__}")
@@ -309,6 +328,8 @@ class SeloraModel(BaseTuner):
         if isinstance(target, SeloraLinear):
             target.update_layer(adapter_name, peft_config)
             return
+        if is_quantized_layer(target):
+            raise quantized_layer_error(target, current_key)
         if isinstance(target, BaseTunerLayer) or not is_supported_layer(target):
             raise TypeError(
                 f"target {current_key!r} is a {type(target).__name__}; the selora PEFT bridge "
@@ -318,6 +339,60 @@ class SeloraModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until set active
         self._replace_module(parent, target_name, new_module, target)
+
+    def _check_safe_merge(self, adapter_names: list[str] | None) -> None:
+        """Check every layer before any is written (PEFT merges layer by layer)."""
+        for module in self.model.modules():
+            if isinstance(module, SeloraLinear):
+                module.check_merge(adapter_names)
+
+    def merge_adapter(
+        self, adapter_names: list[str] | None = None, safe_merge: bool = False
+    ) -> None:
+        """Merge the adapters into the frozen weights (PEFT's ``merge_adapter``).
+
+        With ``safe_merge`` every layer is checked before any is written, so a
+        failure changes nothing (PEFT itself checks layer by layer).
+
+        Args:
+            adapter_names: the adapters to merge; the active ones if ``None``.
+            safe_merge: check first (see :meth:`SeloraLinear.merge`).
+
+        Raises:
+            ValueError: with ``safe_merge``, if a check fails; nothing is merged.
+        """
+        if safe_merge:
+            self._check_merge_allowed()  # type: ignore[no-untyped-call]
+            self._check_safe_merge(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> Any:
+        """PEFT's unload, with every layer checked first under ``safe_merge``.
+
+        Args:
+            merge: merge the adapters before unloading.
+            progressbar: show PEFT's progress bar.
+            safe_merge: check every layer before any is merged or unloaded.
+            adapter_names: the adapters to merge; the active ones if ``None``.
+
+        Returns:
+            The unloaded base model.
+        """
+        if merge and safe_merge:
+            self._check_merge_allowed()  # type: ignore[no-untyped-call]
+            self._check_safe_merge(adapter_names)
+        return super()._unload_and_optionally_merge(
+            merge=merge,
+            progressbar=progressbar,
+            safe_merge=safe_merge,
+            adapter_names=adapter_names,
+        )
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:

@@ -18,7 +18,13 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import Tensor, nn
 
-from selora.adapters.layer import AdapterUnit, frozen_weight, is_supported_layer
+from selora.adapters.layer import AdapterUnit
+from selora.adapters.layer_types import (
+    frozen_weight,
+    is_quantized_layer,
+    is_supported_layer,
+    quantized_layer_error,
+)
 
 if TYPE_CHECKING:
     from selora.integrations.peft import SeloraConfig
@@ -27,6 +33,21 @@ __all__ = ["SeloraLayer", "SeloraLinear"]
 
 UNITS_ATTR = "selora_units"
 """The per-adapter ``nn.ModuleDict``; model keys read ``<layer>.selora_units.<adapter>.``."""
+
+
+def _refuse_load_while_merged(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any
+) -> None:
+    """``load_state_dict`` pre-hook: refuse the tensors of a merged adapter."""
+    merged = getattr(module, "merged_adapters", None) or []
+    prefixes = tuple(f"{prefix}{UNITS_ATTR}.{name}." for name in merged)
+    keys = [k for k in state_dict if prefixes and k.startswith(prefixes)]
+    if keys:
+        raise RuntimeError(
+            f"{prefix.rstrip('.') or 'this layer'}: cannot load {keys[0]!r} while its adapter "
+            "is merged into the frozen weight (the merged weight would keep the old update); "
+            "unmerge_adapter() first, load, then merge again"
+        )
 
 
 class SeloraLayer(BaseTunerLayer):
@@ -56,12 +77,18 @@ class SeloraLinear(nn.Module, SeloraLayer):
         adapter_name: the name of the first adapter.
         config: its :class:`~selora.integrations.peft.SeloraConfig`.
 
+    While an adapter is merged, ``load_state_dict`` refuses its tensors
+    (unmerge first), and :meth:`unmerge` subtracts the update that was merged
+    even if the adapter changed since.
+
     Raises:
-        TypeError: if ``base_layer`` is not a supported layer type.
+        TypeError: if ``base_layer`` is not a supported layer type, or quantized.
     """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: SeloraConfig) -> None:
         super().__init__()
+        if is_quantized_layer(base_layer):
+            raise quantized_layer_error(base_layer, "")
         if not is_supported_layer(base_layer):
             raise TypeError(
                 "the selora PEFT bridge adapts nn.Linear and transformers' Conv1D; "
@@ -75,6 +102,9 @@ class SeloraLinear(nn.Module, SeloraLayer):
         self._active_adapter: str | list[str] = adapter_name
         weight0 = frozen_weight(base_layer)
         self.out_features, self.in_features = int(weight0.shape[0]), int(weight0.shape[1])
+        self._register_load_state_dict_pre_hook(  # type: ignore[no-untyped-call]
+            _refuse_load_while_merged, with_module=True
+        )
         self.update_layer(adapter_name, config)
 
     def update_layer(self, adapter_name: str, config: SeloraConfig) -> None:
@@ -93,7 +123,7 @@ class SeloraLinear(nn.Module, SeloraLayer):
         adapter = config.to_spectral_adapter()
         weight0 = frozen_weight(self.get_base_layer())
         self.selora_units[adapter_name] = AdapterUnit(
-            adapter, self.in_features, self.out_features, weight0
+            adapter, self.in_features, self.out_features, weight0, name=adapter_name
         )
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
@@ -160,43 +190,72 @@ class SeloraLinear(nn.Module, SeloraLayer):
             out = out + (self.unit(name)(x, base_out, weight0, bias) - base_out)
         return out
 
+    def _merged(self, names: list[str], safe: bool) -> tuple[Tensor, list[str]]:
+        """Merge ``names`` in turn into a copy of the frozen weight; return it and the names."""
+        weight = frozen_weight(self.get_base_layer())
+        merged, done = weight, []
+        for name in names:
+            if name not in self.selora_units:
+                continue
+            merged = self.unit(name).merged(merged, safe=safe, where=f"adapter {name!r}")
+            done.append(name)
+        return merged, done
+
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold adapters into the frozen weight with their base's ``merged_weight``.
 
+        All the adapters are merged into a copy, which is written once.
+
         Args:
-            safe_merge: check the merged weight for NaN / inf before writing it.
+            safe_merge: check before writing anything, as :func:`selora.merge`
+                with ``safe=True`` does (finite adapter tensors, a finite merged
+                weight, and a merge that unmerge can undo:
+                :meth:`~selora.adapters.AdapterUnit.merged`).
             adapter_names: the adapters to merge; the active ones if ``None``.
 
         Raises:
             RuntimeError: if an adapter's base of adaptation cannot be merged.
-            ValueError: with ``safe_merge``, if the merged weight is not finite.
+            ValueError: with ``safe_merge``, if a check fails; the weight is unchanged.
         """
         names = check_adapters_to_merge(self, adapter_names)
-        for name in names:
-            if name not in self.selora_units:
-                continue
-            unit = self.unit(name)
-            if not unit.base.mergeable:
-                raise RuntimeError(f"adapter {name!r}: base {unit.adapter.base!r} cannot be merged")
-            weight = frozen_weight(self.get_base_layer())
-            merged = unit.base.merged_weight(unit, weight.float())
-            if safe_merge and not bool(torch.isfinite(merged).all()):
-                raise ValueError(f"NaNs detected in the merged weights; adapter {name!r} is broken")
-            weight.copy_(merged.to(weight.dtype))
+        merged, done = self._merged(names, safe_merge)
+        if not done:
+            return
+        frozen_weight(self.get_base_layer()).copy_(merged)
+        for name in done:
+            self.unit(name).record_merge()
             self.merged_adapters.append(name)
 
     @torch.no_grad()
+    def check_merge(self, adapter_names: list[str] | None = None) -> None:
+        """Run the checks of ``merge(safe_merge=True)`` without writing anything.
+
+        Args:
+            adapter_names: the adapters to check; the active ones if ``None``.
+
+        Raises:
+            RuntimeError: if an adapter's base of adaptation cannot be merged.
+            ValueError: if a check fails.
+        """
+        names = [
+            n for n in (adapter_names or self.active_adapters) if n not in self.merged_adapters
+        ]
+        self._merged(names, True)
+
+    @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore the frozen weight, undoing merges in reverse order (``unmerged_weight``)."""
+        """Restore the frozen weight, undoing merges in reverse order.
+
+        Each adapter's update is the one that was merged, even if the adapter
+        changed since (:meth:`~selora.adapters.AdapterUnit.unmerged`).
+        """
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name not in self.selora_units:
                 continue
-            unit = self.unit(name)
             weight = frozen_weight(self.get_base_layer())
-            restored = unit.base.unmerged_weight(unit, weight.float())
-            weight.copy_(restored.to(weight.dtype))
+            weight.copy_(self.unit(name).unmerged(weight))
 
     def __repr__(self) -> str:
         """Prefix the module's repr with ``selora.`` as PEFT's layers do."""

@@ -19,8 +19,11 @@ from selora.spectral_bases.registry import (
 )
 from selora.spectral_bases.spectrum import (
     SparseSpectrum,
+    SpectrumInit,
+    SpectrumScale,
     coefficient_budget,
     kaiming_variance,
+    scale_factor,
     spectral_locations,
 )
 from selora.spectral_bases.wavelet import (
@@ -41,6 +44,8 @@ __all__ = [
     "HaarTransform",
     "InverseTransform",
     "SparseSpectrum",
+    "SpectrumInit",
+    "SpectrumScale",
     "UnknownBasisError",
     "WaveletName",
     "WaveletTransform",
@@ -50,6 +55,7 @@ __all__ = [
     "kaiming_variance",
     "list_bases",
     "register_basis",
+    "scale_factor",
     "spectral_locations",
     "unregister_basis",
 ]

@@ -120,3 +120,18 @@ class CosineTransform(InverseTransform):
         rows_done = _inverse_last(spectrum, other=m)
         out = _inverse_last(rows_done.transpose(-1, -2), other=n).transpose(-1, -2)
         return out.contiguous()
+
+    def active_energy(self, shape: tuple[int, int], indices: Tensor) -> float:
+        r"""Return the energy of :math:`\Omega`: ``k``, one per location (the basis is orthonormal).
+
+        Each :math:`T(e_p)` is the outer product of two rows of orthogonal
+        matrices, of unit norm, and no two are parallel.
+
+        Args:
+            shape: ``(m, n)``.
+            indices: the ``k`` flat positions of :math:`\Omega`.
+
+        Returns:
+            ``float(k)``.
+        """
+        return float(indices.numel())

@@ -30,6 +30,12 @@ __all__ = [
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
+ENERGY_PROBES = 32
+"""Number of probes of the estimated :meth:`InverseTransform.active_energy` (the fallback)."""
+_ENERGY_SEED = 20240613
+_EXACT_ENERGY_LIMIT = 2**22  # k * m * n up to which the fallback energy is exact
+_ENERGY_BATCH = 2**20  # float64 entries transformed at once by the fallback
+
 
 class InverseTransform(abc.ABC):
     r"""Contract of a spectral basis: a real, linear, shape-keeping map.
@@ -95,6 +101,112 @@ class InverseTransform(abc.ABC):
         if spectrum.dtype in _LOW_PRECISION:
             return self.inverse(spectrum.float()).to(spectrum.dtype)
         return self.inverse(spectrum)
+
+    def active_energy(self, shape: tuple[int, int], indices: Tensor) -> float:
+        r"""Return the energy :math:`E` of the active set :math:`\Omega`, in float64.
+
+        .. math::
+
+            E = \sum_{p \in \Omega} \|T(e_p)\|_F^2,
+
+        where :math:`e_p` is the unit spectrum at the flat position ``p``. A
+        :class:`~selora.SparseSpectrum` scales its matrix by
+        :math:`c = \sqrt{mn / E}` (see ``docs/concepts.md``). Locations whose
+        unit matrices are parallel (fft's ``p`` and ``-p`` give the same
+        matrix) always receive proportional gradients and move together, so
+        they count as one group :math:`G` of energy
+        :math:`(\sum_{p \in G} \|T(e_p)\|_F)^2`; a basis with such
+        locations overrides this method (as ``fft`` does).
+
+        This default is the fallback for user bases; built-in bases give closed
+        forms. An :attr:`orthonormal` basis gives :math:`E = k` exactly.
+        Otherwise, when :math:`k m n \le 2^{22}` the unit spectra are
+        transformed in float64 batches and :math:`E` is exact (to rounding).
+        Beyond that it is an unbiased *estimate*: for coefficients
+        :math:`z_p \sim N(0, 1)` i.i.d. on :math:`\Omega`,
+        :math:`\mathbb{E}\,\|T(\sum_p z_p e_p)\|_F^2 = E`, averaged over
+        :data:`ENERGY_PROBES` probes drawn by a generator of fixed seed (never
+        torch's global RNG). Its relative standard error is
+        :math:`\sqrt{2 \operatorname{tr}(K^2) / P} / \operatorname{tr} K` for
+        the Gram matrix :math:`K` of the active unit matrices and :math:`P`
+        probes: :math:`\sqrt{2 / (P k)}` (under 1 % for :math:`k \ge 625`)
+        when they are orthogonal, at worst :math:`\sqrt{2 / P} = 25\,\%` when
+        they are all parallel. Both routes assume the active unit matrices are
+        pairwise non-parallel.
+
+        Args:
+            shape: ``(m, n)``, a shape this basis accepts.
+            indices: the ``k`` distinct flat positions of :math:`\Omega`, any device.
+
+        Returns:
+            :math:`E > 0` for a basis that maps no unit spectrum to zero.
+        """
+        m, n = int(shape[0]), int(shape[1])
+        self.check_shape(m, n)
+        flat = indices.detach().to("cpu", torch.int64).reshape(-1)
+        k = int(flat.numel())
+        if self.orthonormal:
+            return float(k)
+        total = 0.0
+        if k * m * n <= _EXACT_ENERGY_LIMIT:
+            batch = max(1, _ENERGY_BATCH // (m * n))
+            for start in range(0, k, batch):
+                chunk = flat[start : start + batch]
+                units = torch.zeros(chunk.numel(), m * n, dtype=torch.float64, device="cpu")
+                units[torch.arange(chunk.numel(), device="cpu"), chunk] = 1.0
+                out = self._checked(units.view(-1, m, n))
+                total += float(out.square().sum())
+            return total
+        generator = torch.Generator(device="cpu").manual_seed(_ENERGY_SEED)
+        batch = max(1, min(ENERGY_PROBES, _ENERGY_BATCH // (m * n)))
+        for start in range(0, ENERGY_PROBES, batch):
+            count = min(batch, ENERGY_PROBES - start)
+            probes = torch.zeros(count, m * n, dtype=torch.float64, device="cpu")
+            draws = torch.randn(count, k, generator=generator, dtype=torch.float64, device="cpu")
+            probes[:, flat] = draws
+            total += float(self._checked(probes.view(count, m, n)).square().sum())
+        return total / ENERGY_PROBES
+
+    def check_output(self, spectrum: Tensor, out: object) -> Tensor:
+        """Check that ``out`` is what this basis must return for ``spectrum``.
+
+        A basis returns a tensor of the input's shape and dtype. A user basis
+        that does not otherwise fails deep inside torch (a matrix product of
+        the wrong shape), so :class:`~selora.SparseSpectrum` checks once, at
+        construction.
+
+        Args:
+            spectrum: the input given to :meth:`inverse`.
+            out: what :meth:`inverse` returned.
+
+        Returns:
+            ``out``.
+
+        Raises:
+            TypeError: naming the basis, if ``out`` is not a tensor.
+            ValueError: naming the basis, if its shape or dtype differs from the input's.
+        """
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"basis {self.label()!r} ({type(self).__name__}.inverse) returned a "
+                f"{type(out).__name__}, not a torch.Tensor"
+            )
+        if out.shape != spectrum.shape:
+            raise ValueError(
+                f"basis {self.label()!r} ({type(self).__name__}.inverse) returned shape "
+                f"{tuple(out.shape)} for an input of shape {tuple(spectrum.shape)}; "
+                "a basis must keep the shape"
+            )
+        if out.dtype != spectrum.dtype:
+            raise ValueError(
+                f"basis {self.label()!r} ({type(self).__name__}.inverse) returned dtype "
+                f"{out.dtype} for a {spectrum.dtype} input; a basis must keep the dtype"
+            )
+        return out
+
+    def _checked(self, spectrum: Tensor) -> Tensor:
+        """Return ``self(spectrum)`` after :meth:`check_output`."""
+        return self.check_output(spectrum, self(spectrum))
 
     def label(self) -> str:
         """Return a human-readable name used in error messages."""

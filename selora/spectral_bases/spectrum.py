@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+from collections.abc import Callable
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -12,7 +15,41 @@ from torch import Tensor, nn
 from selora._tensor_cache import tensor_cache
 from selora.spectral_bases.registry import InverseTransform, get_basis
 
-__all__ = ["SparseSpectrum", "coefficient_budget", "spectral_locations", "kaiming_variance"]
+__all__ = [
+    "SparseSpectrum",
+    "SpectrumInit",
+    "SpectrumScale",
+    "coefficient_budget",
+    "kaiming_variance",
+    "scale_factor",
+    "spectral_locations",
+]
+
+SpectrumScale = Literal["lora", "paper"]
+r"""How a :class:`SparseSpectrum` scales its matrix.
+
+* ``"lora"`` (the default): :math:`M = c\,T(F)` with
+  :math:`c = \sqrt{mn / E}`, :math:`E` the basis' energy on :math:`\Omega`
+  (:meth:`~selora.InverseTransform.active_energy`). The coefficients live on
+  a dense LoRA factor's scale: one Adam step of size ``lr`` moves the
+  matrix's entries by about ``lr``, so LoRA's learning rate and weight decay
+  carry over to every basis and budget.
+* ``"paper"``: :math:`M = T(F)` (:math:`c = 1`), FoRA's eq. 3 as written; the
+  Kaiming gain is applied to the coefficients at init only. Checkpoints saved
+  before the option existed load with it.
+
+Both give the same matrix at init for the same random draws.
+"""
+
+SpectrumInit = Literal["kaiming", "zero"]
+"""How a :class:`SparseSpectrum` is initialised (and re-initialised by ``reset_parameters``).
+
+* ``"kaiming"``: calibrated, the matrix has the Kaiming variance ``1 / (3 n)``.
+* ``"zero"``: every coefficient zero (LoRA's B factor); nothing is calibrated.
+"""
+
+_SCALES: tuple[str, ...] = get_args(SpectrumScale)
+_INITS: tuple[str, ...] = get_args(SpectrumInit)
 
 
 def kaiming_variance(fan_in: int) -> float:
@@ -132,27 +169,112 @@ def spectral_locations(shape: tuple[int, int], k: int, seed: int = 0) -> Tensor:
     return _cached_locations(_check_seed(seed), m, n, k)
 
 
+def _on_cpu() -> contextlib.AbstractContextManager[object]:
+    """Make the CPU the default device for a computation on constants.
+
+    Under ``with torch.device("meta")`` (a model built without memory), a basis
+    building its constants with factory functions would otherwise make them on
+    the meta device, where they hold no values.
+    """
+    if torch.get_default_device().type == "cpu":
+        return contextlib.nullcontext()
+    return torch.device("cpu")
+
+
+def _check_scale(scale: object) -> SpectrumScale:
+    if scale not in _SCALES:
+        raise ValueError(f"scale must be one of {list(_SCALES)}; got {scale!r}")
+    return scale  # type: ignore[return-value]
+
+
+def scale_factor(
+    basis: InverseTransform, shape: tuple[int, int], indices: Tensor, scale: SpectrumScale = "lora"
+) -> float:
+    r"""Return the constant :math:`c` of a spectrum, :math:`M = c\,T(F)`.
+
+    For ``scale="lora"``, :math:`c = \sqrt{mn / E}` with
+    :math:`E = \sum_{p \in \Omega} \|T(e_p)\|_F^2` the basis' energy on
+    :math:`\Omega` (:meth:`InverseTransform.active_energy`). For i.i.d.
+    coefficients :math:`s_p` of root-mean-square :math:`\sigma`,
+    :math:`\mathbb{E}\|c\,T(F)\|_F^2 = c^2 \sigma^2 E = mn\,\sigma^2`: the
+    entries of :math:`M` have root-mean-square :math:`\sigma` too. For
+    ``scale="paper"``, :math:`c = 1`.
+
+    Args:
+        basis: the basis.
+        shape: ``(m, n)``.
+        indices: the flat positions of :math:`\Omega`.
+        scale: ``"lora"`` or ``"paper"`` (:data:`SpectrumScale`).
+
+    Returns:
+        :math:`c`, a positive float.
+
+    Raises:
+        ValueError: on an unknown ``scale``, or if the basis gives the active
+            set no finite positive energy (naming the basis).
+    """
+    if _check_scale(scale) == "paper":
+        return 1.0
+    m, n = _check_shape(shape)
+    with _on_cpu():
+        energy = float(basis.active_energy((m, n), indices))
+    if not (energy > 0.0 and math.isfinite(energy)):
+        raise ValueError(
+            f"basis {basis.label()!r} gives the {indices.numel()} active locations of a "
+            f"{m}x{n} spectrum the energy {energy}; cannot scale (scale='lora'), use "
+            "scale='paper' or fix the basis' active_energy"
+        )
+    return math.sqrt(m * n / energy)
+
+
+def _check_contract(basis: InverseTransform, shape: tuple[int, int], dtype: torch.dtype) -> None:
+    """Transform one spectrum on the CPU and check the output's type, shape and dtype."""
+    probe = torch.zeros(shape, dtype=dtype, device="cpu")
+    probe.view(-1)[0] = 1.0
+    try:
+        with _on_cpu():
+            out = basis(probe)
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        raise ValueError(
+            f"basis {basis.label()!r} ({type(basis).__name__}) fails on a {dtype} "
+            f"spectrum of shape {tuple(shape)}: {exc}"
+        ) from exc
+    basis.check_output(probe, out)
+
+
 class SparseSpectrum(nn.Module):
     r"""A dense ``(m, n)`` matrix spanned by ``k`` spectral coefficients.
 
     .. math::
 
-        M = T(F), \qquad F = \operatorname{scatter}(s, \Omega) \in \mathbb{R}^{m \times n},
+        M = c\,T(F), \qquad F = \operatorname{scatter}(s, \Omega) \in \mathbb{R}^{m \times n},
 
     where :math:`s \in \mathbb{R}^k` is the only parameter, :math:`\Omega` the
-    shared active set (:func:`spectral_locations`) and :math:`T` the basis.
+    shared active set (:func:`spectral_locations`), :math:`T` the basis and
+    :math:`c` a fixed constant (:attr:`scale_factor`, see :data:`SpectrumScale`):
+    :math:`c = \sqrt{mn / E}` with :math:`E = \sum_{p \in \Omega} \|T(e_p)\|_F^2`
+    for ``scale="lora"``, :math:`c = 1` for ``scale="paper"``.
     Because :math:`F` is zero off :math:`\Omega`, the gradient of a loss
-    :math:`\ell` is :math:`\partial\ell/\partial s = T^*(\partial\ell/\partial M)|_\Omega`,
+    :math:`\ell` is :math:`\partial\ell/\partial s = c\,T^*(\partial\ell/\partial M)|_\Omega`,
     the adjoint transform read at the active locations, and optimizer state
     holds ``k`` numbers per state tensor.
 
-    A new spectrum is calibrated like a new ``nn.Linear``: the coefficients are
-    drawn i.i.d. standard normal (from torch's global RNG, or ``generator``) and
-    scaled by one gain :math:`g` such that the entries of :math:`M` have the
-    Kaiming-uniform variance :math:`1 / (3n)`. Since :math:`T` is linear,
+    A new spectrum is calibrated like a new ``nn.Linear``: i.i.d. standard
+    normal draws :math:`z` (from torch's global RNG, or ``generator``) are
+    scaled by one gain :math:`g` such that the entries of :math:`T(g z)` have
+    the Kaiming-uniform variance :math:`1 / (3n)`. Since :math:`T` is linear,
     :math:`\operatorname{Var}(g M) = g^2 \operatorname{Var}(M)`, so
-    :math:`g = \sqrt{(1/3n) / \widehat{\operatorname{Var}}(M)}` from the realised
-    sample. :meth:`reset_zero` sets :math:`s = 0` instead (LoRA's B factor).
+    :math:`g = \sqrt{(1/3n) / \widehat{\operatorname{Var}}(T(z))}` from the
+    realised sample, and :math:`s = g z / c`: both scales give the same
+    matrix at init, and for ``"lora"`` the coefficients' own root-mean-square
+    is about :math:`\sqrt{1/(3n)}`. With ``init="zero"`` the coefficients
+    start at zero instead (LoRA's B factor) and nothing is calibrated.
+
+    The locations are a non-persistent buffer that follows from
+    ``(seed, shape, k)``. Moving the module (``to``, ``to_empty`` after a
+    build on the meta device) keeps their values exactly, and a spectrum whose
+    locations are still on the meta device while its coefficients are not
+    (``load_state_dict(..., assign=True)``) regenerates them on first use.
 
     Args:
         shape: ``(m, n)`` of the dense matrix.
@@ -163,13 +285,30 @@ class SparseSpectrum(nn.Module):
         seed: seeds the locations (with the shape); a non-negative integer.
         device: where the coefficients live.
         dtype: the coefficients' dtype (float32 by default).
+        scale: ``"lora"`` or ``"paper"`` (:data:`SpectrumScale`).
+        init: ``"kaiming"`` or ``"zero"`` (:data:`SpectrumInit`).
+
+    Attributes:
+        scale: the ``scale`` given.
+        init: the ``init`` given; :meth:`reset_parameters` follows it.
+        scale_factor: the constant :math:`c` (a float, 1.0 for ``"paper"``),
+            recomputed when the locations are replaced.
 
     Raises:
-        ValueError: on a bad shape, budget or seed, or a shape the basis refuses.
+        ValueError: on a bad shape, budget, seed, scale or init, a shape the
+            basis refuses, or a basis that breaks its contract (its output is
+            not a tensor of the input's shape and dtype), naming the basis.
+        TypeError: if ``basis`` is neither a name nor an :class:`InverseTransform`,
+            or the basis returns something other than a tensor.
         UnknownBasisError: on an unknown basis name.
     """
 
     indices: Tensor
+    # Class-level defaults: a whole module pickled before these attributes
+    # existed (``torch.save(model)``) unpickles as what it computed then.
+    scale: SpectrumScale = "paper"
+    scale_factor: float = 1.0
+    init: SpectrumInit = "kaiming"
 
     def __init__(
         self,
@@ -181,9 +320,15 @@ class SparseSpectrum(nn.Module):
         seed: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        scale: SpectrumScale = "lora",
+        init: SpectrumInit = "kaiming",
     ) -> None:
         super().__init__()
         m, n = _check_shape(shape)
+        self.scale = _check_scale(scale)
+        if init not in _INITS:
+            raise ValueError(f"init must be one of {list(_INITS)}; got {init!r}")
+        self.init = init
         if isinstance(basis, str):
             basis = get_basis(basis)
         elif not isinstance(basis, InverseTransform):
@@ -196,15 +341,18 @@ class SparseSpectrum(nn.Module):
         self.basis = basis
         self.seed = _check_seed(seed)
         k = coefficient_budget((m, n), sparse_ratio=sparse_ratio, n_coeffs=n_coeffs)
+        coeff_dtype = dtype or torch.float32
+        _check_contract(
+            basis, (m, n), torch.float64 if coeff_dtype == torch.float64 else torch.float32
+        )
         indices = spectral_locations((m, n), k, self.seed)
+        self.scale_factor = scale_factor(basis, (m, n), indices, self.scale)
         if device is not None and torch.device(device).type != "cpu":
             indices = indices.to(device)
         # Not persistent: the locations follow from (seed, shape, k); checkpoints
         # store each distinct set once (selora.adapters.io), not once per module.
         self.register_buffer("indices", indices, persistent=False)
-        self.coefficients = nn.Parameter(
-            torch.empty(k, device=device, dtype=dtype or torch.float32)
-        )
+        self.coefficients = nn.Parameter(torch.empty(k, device=device, dtype=coeff_dtype))
         self.reset_parameters()
 
     @property
@@ -225,11 +373,11 @@ class SparseSpectrum(nn.Module):
         """
         m, n = self.shape
         coeffs = self.coefficients
-        flat = coeffs.new_zeros(m * n).scatter(0, self.indices, coeffs)
+        flat = coeffs.new_zeros(m * n).scatter(0, self._locations(), coeffs)
         return flat.view(m, n)
 
     def forward(self, dtype: torch.dtype | None = None) -> Tensor:
-        """Return the dense matrix :math:`M = T(F)`.
+        r"""Return the dense matrix :math:`M = c\,T(F)`.
 
         Args:
             dtype: the output dtype; the coefficients' dtype if ``None``.
@@ -239,15 +387,89 @@ class SparseSpectrum(nn.Module):
         Returns:
             An ``(m, n)`` tensor.
         """
-        spectrum = self.dense_spectrum()
+        m, n = self.shape
+        coeffs: Tensor = self.coefficients
+        if self.scale_factor != 1.0:
+            coeffs = coeffs * self.scale_factor  # c T(F) = T(c F): k products, not mn
+        flat = coeffs.new_zeros(m * n).scatter(0, self._locations(), coeffs)
+        spectrum = flat.view(m, n)
         if spectrum.dtype not in (torch.float32, torch.float64):
             spectrum = spectrum.float()
         out = self.basis(spectrum)
         return out.to(dtype or self.coefficients.dtype)
 
+    def _locations(self) -> Tensor:
+        """The locations, regenerated if on the meta device while the coefficients are not."""
+        indices = self.indices
+        if indices.is_meta and not self.coefficients.is_meta:
+            self.indices = self._fresh_locations().to(self.coefficients.device)
+            indices = self.indices
+        return indices
+
+    def set_locations(self, indices: Tensor) -> None:
+        """Replace the locations (a checkpoint's stored set) and recompute :attr:`scale_factor`.
+
+        Args:
+            indices: ``k`` distinct flat positions in ``[0, m * n)``, any integer dtype.
+
+        Raises:
+            ValueError: if ``indices`` is not ``k`` distinct integers in range.
+        """
+        m, n = self.shape
+        flat = indices.detach().to("cpu", torch.int64).reshape(-1)
+        ordered = flat.sort().values
+        k = self.n_coeffs
+        if (
+            indices.is_floating_point()
+            or flat.numel() != k
+            or (k and (int(ordered[0]) < 0 or int(ordered[-1]) >= m * n))
+            or bool((ordered[1:] == ordered[:-1]).any())
+        ):
+            raise ValueError(
+                f"locations of a {m}x{n} spectrum with {k} coefficients must be {k} distinct "
+                f"integers in [0, {m * n}); got {flat.numel()} values"
+            )
+        device = self.coefficients.device
+        if indices.dtype == torch.int64 and indices.ndim == 1 and indices.device == device:
+            self.indices = indices  # a tensor shared between spectra stays shared
+        else:
+            self.indices = flat.to(device)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Set an attribute; a new ``indices`` tensor recomputes :attr:`scale_factor`."""
+        super().__setattr__(name, value)
+        constructed = "scale" in self.__dict__
+        if name == "indices" and constructed and isinstance(value, Tensor) and not value.is_meta:
+            self.scale_factor = scale_factor(self.basis, self.shape, value, self.scale)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> SparseSpectrum:
+        """Apply ``fn`` as ``nn.Module`` does, keeping the locations' values exactly.
+
+        ``to_empty`` applies ``torch.empty_like`` to every buffer, which would
+        leave the locations as uninitialised memory; they are copied from the
+        old tensor instead (or regenerated from ``(seed, shape, k)`` if that was
+        on the meta device) onto the new device.
+        """
+        before = self.indices
+        super()._apply(fn, recurse=recurse)  # type: ignore[no-untyped-call]
+        after = self.indices
+        if after is not before:
+            if before.is_meta:
+                self.indices = self._fresh_locations().to(after.device)
+            else:  # the same values: the scale factor stands
+                self._buffers["indices"] = before.to(device=after.device, dtype=torch.int64)
+        return self
+
+    def _fresh_locations(self) -> Tensor:
+        return spectral_locations(self.shape, self.n_coeffs, self.seed)
+
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Draw calibrated coefficients (Kaiming variance of the dense matrix).
+        """Initialise the coefficients as :attr:`init` says.
+
+        ``"kaiming"`` draws calibrated coefficients (Kaiming variance of the
+        dense matrix); ``"zero"`` zeroes them. Locations still on the meta
+        device are regenerated first.
 
         Args:
             generator: draws the coefficients; torch's global RNG if ``None``.
@@ -259,13 +481,17 @@ class SparseSpectrum(nn.Module):
         coeffs = self.coefficients
         if coeffs.is_meta:
             return
+        if self.init == "zero":
+            coeffs.zero_()
+            self._locations()
+            return
         sample = torch.randn(
             coeffs.shape, generator=generator, dtype=torch.float64, device="cpu"
         ).to(coeffs.device)
         # Calibrate in float64: the gain should not depend on the training dtype.
         flat = sample.new_zeros(self.shape[0] * self.shape[1])
         matrix = self.basis(
-            flat.scatter(0, self.indices.to(sample.device), sample).view(self.shape)
+            flat.scatter(0, self._locations().to(sample.device), sample).view(self.shape)
         )
         variance = float(matrix.var(correction=0))
         if not variance > 0.0 or not math.isfinite(variance):
@@ -275,7 +501,10 @@ class SparseSpectrum(nn.Module):
                 "cannot calibrate"
             )
         gain = math.sqrt(kaiming_variance(self.shape[1]) / variance)
-        coeffs.copy_(sample * gain)
+        if self.scale_factor == 1.0:
+            coeffs.copy_(sample * gain)  # the "paper" scale, bit for bit as before
+        else:
+            coeffs.copy_(sample * (gain / self.scale_factor))
 
     @torch.no_grad()
     def reset_zero(self) -> None:
@@ -287,5 +516,5 @@ class SparseSpectrum(nn.Module):
         m, n = self.shape
         return (
             f"shape=({m}, {n}), basis={self.basis.label()!r}, "
-            f"n_coeffs={self.n_coeffs}, seed={self.seed}"
+            f"n_coeffs={self.n_coeffs}, seed={self.seed}, scale={self.scale!r}"
         )

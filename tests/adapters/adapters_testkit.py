@@ -136,7 +136,8 @@ def reference_factor(factor: nn.Module) -> torch.Tensor:
         return factor.weight.detach().double().clone()
     assert isinstance(factor, SparseSpectrum)
     spectrum = scatter_numpy(factor.indices, factor.coefficients, factor.shape)
-    return torch.from_numpy(inverse_numpy(factor.basis.label(), spectrum).copy())
+    matrix = factor.scale_factor * inverse_numpy(factor.basis.label(), spectrum)  # M = c T(F)
+    return torch.from_numpy(matrix.copy())
 
 
 def basis_matrix(basis: str, shape: tuple[int, int], indices: torch.Tensor) -> torch.Tensor:

@@ -257,7 +257,8 @@ def _differentiable_factors(unit: nn.Module) -> tuple[Tensor, Tensor, Tensor, Te
     for factor in (unit.lora_A, unit.lora_B):
         if isinstance(factor, selora.SparseSpectrum):
             coeffs = factor.coefficients.detach().double().clone()
-            maps.append(kit.basis_matrix(factor.basis.label(), factor.shape, factor.indices))
+            matrix = kit.basis_matrix(factor.basis.label(), factor.shape, factor.indices)
+            maps.append(factor.scale_factor * matrix)  # M = c T(F)
         else:
             coeffs = factor.weight.detach().double().flatten().clone()
             maps.append(torch.eye(coeffs.numel(), dtype=torch.float64))

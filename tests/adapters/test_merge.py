@@ -121,12 +121,15 @@ def test_merged_forward_is_the_plain_layer() -> None:
 def test_hira_unmerge_refuses_a_zero_factor() -> None:
     model, _ = _adapted_mlp("hira", None)
     layer = model.fc1
-    selora.merge(model)
     with torch.no_grad():
         layer.adapter.lora_A.weight.zero_()
         layer.adapter.lora_B.weight.zero_()
         layer.adapter.lora_A.weight[0, 0] = 1.0
         layer.adapter.lora_B.weight[0, 0] = -1.0  # 1 + (B A)[0, 0] == 0
+    with pytest.raises(ValueError, match="could not be undone"):
+        selora.merge(model, safe=True)
+    assert not layer.merged
+    selora.merge(model)  # unmerge undoes the update merged, so it must be the bad one
     with pytest.raises(RuntimeError, match="HiRA cannot unmerge"):
         layer.unmerge()
 

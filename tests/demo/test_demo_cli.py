@@ -13,7 +13,7 @@ import torch
 import selora
 from selora.demo.cli import build_methods, build_parser, main
 from selora.demo.model import HIDDEN_SIZE, N_LAYERS
-from selora.demo.train import Method, SentimentTask, coefficient_lr_multiplier
+from selora.demo.train import Method, SentimentTask, TrainConfig, run
 
 HEAD = HIDDEN_SIZE + 1  # nn.Linear(384, 1)
 TARGETS = 2  # query and value in each layer
@@ -101,14 +101,26 @@ def test_build_methods_and_budgets() -> None:
         build_parser().parse_args(["--sparse-ratio", "1.5"])
 
 
-def test_lr_multiplier() -> None:
-    full_dct = selora.SparseSpectrum((8, 384), "dct", sparse_ratio=0.0)
-    assert coefficient_lr_multiplier(full_dct) == pytest.approx(1.0, rel=1e-6)
-    dct = selora.SparseSpectrum((8, 384), "dct", sparse_ratio=0.6)
-    assert coefficient_lr_multiplier(dct) == pytest.approx(math.sqrt(1 / 0.4), rel=0.05)
-    fft = selora.SparseSpectrum((8, 384), "fft", sparse_ratio=0.6)
-    k = fft.n_coeffs
-    assert coefficient_lr_multiplier(fft) == pytest.approx(8 * 384 / math.sqrt(k / 2), rel=0.1)
-    state = torch.random.get_rng_state()
-    coefficient_lr_multiplier(fft)
-    assert torch.equal(state, torch.random.get_rng_state())
+def test_one_learning_rate_for_every_parameter(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As a transformers.Trainer user: no per-parameter learning rates (selora's
+    # coefficients are on LoRA's scale, so none are needed).
+    assert "lr_scaling" not in TrainConfig.__dataclass_fields__
+    assert not hasattr(selora.demo, "coefficient_lr_multiplier")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--lr-scaling", "none"])
+    optimizers: list[torch.optim.Optimizer] = []
+    adamw = torch.optim.AdamW
+
+    def recording(*args: object, **kwargs: object) -> torch.optim.Optimizer:
+        optimizer = adamw(*args, **kwargs)  # type: ignore[arg-type]
+        optimizers.append(optimizer)
+        return optimizer
+
+    monkeypatch.setattr(torch.optim, "AdamW", recording)
+    task = SentimentTask(max_train=8, max_test=8)
+    config = TrainConfig(epochs=1, lr=3e-3, batch_size=8, progress=False)
+    result = run(task, Method(basis="fft", r=4, sparse_ratio=0.6), 0, config)
+    assert len(optimizers) == 1
+    (group,) = optimizers[0].param_groups
+    assert group["initial_lr"] == 3e-3
+    assert sum(p.numel() for p in group["params"]) == result.trainable == selora_count(4, 0.6)

@@ -184,6 +184,40 @@ def run_fsdp() -> dict[str, Any]:
     return report
 
 
+def run_fsdp_meta() -> dict[str, Any]:
+    """FSDP2 on a model built and adapted on the meta device, then materialised.
+
+    The large-model path: build and ``inject`` under ``torch.device("meta")``
+    (no memory), shard, ``to_empty`` on the real device, then load the full
+    state dict of a model built normally. The spectral locations are not in
+    the state dict: they must be exact after materialisation all the same.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    with torch.device("meta"):
+        model = build_model()
+    assert all(p.is_meta for p in model.parameters())
+    full = build_model().state_dict()  # what a checkpoint of the base + fresh adapter holds
+    expected_locations = locations(build_model())
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device="cpu")
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True))
+    same_locations = all_equal(locations(model)) and torch.equal(
+        locations(model), expected_locations
+    )
+    x, y = global_batch()
+    losses = train(model, x[rank::world], y[rank::world])
+    report = summary(trainable(model), losses, world, same_locations)
+    dist.barrier()
+    return report
+
+
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that is free right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -195,7 +229,13 @@ def free_port() -> int:
 def run(mode: str, out: str) -> None:
     """Train in ``mode`` on this rank; rank 0 writes the report to ``out``."""
     torch.set_num_threads(1)
-    runners = {"single": run_single, "ddp": run_ddp, "accelerate": run_accelerate, "fsdp": run_fsdp}
+    runners = {
+        "single": run_single,
+        "ddp": run_ddp,
+        "accelerate": run_accelerate,
+        "fsdp": run_fsdp,
+        "fsdp-meta": run_fsdp_meta,
+    }
     report = runners[mode]()
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(report, out)
@@ -211,7 +251,9 @@ def _worker(rank: int, mode: str, out: str, world: int) -> None:
 def main() -> None:
     """Parse the arguments and train (forking ``--nprocs`` local ranks if asked)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=["single", "ddp", "accelerate", "fsdp"], required=True)
+    parser.add_argument(
+        "--mode", choices=["single", "ddp", "accelerate", "fsdp", "fsdp-meta"], required=True
+    )
     parser.add_argument("--out", required=True, help="where rank 0 writes the report (torch.save)")
     parser.add_argument(
         "--nprocs",

@@ -164,3 +164,12 @@ def test_fsdp2_fully_shard_matches_one(tmp_path: Path, reference: dict[str, Any]
     out = tmp_path / "fsdp.pt"
     cmd = [sys.executable, str(SCRIPT), "--mode", "fsdp", "--nprocs", "2", "--out", str(out)]
     check_against_reference(run(cmd, out, child_env()), reference)
+
+
+def test_fsdp2_on_a_meta_device_model_matches_one(
+    tmp_path: Path, reference: dict[str, Any]
+) -> None:
+    """Built and adapted on the meta device, sharded, materialised, loaded, trained (issue 14)."""
+    out = tmp_path / "fsdp_meta.pt"
+    cmd = [sys.executable, str(SCRIPT), "--mode", "fsdp-meta", "--nprocs", "2", "--out", str(out)]
+    check_against_reference(run(cmd, out, child_env()), reference)

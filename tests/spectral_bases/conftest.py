@@ -35,6 +35,34 @@ def dense_operator() -> DenseOperator:
     return _dense_operator
 
 
+def brute_force_energy(columns: torch.Tensor, tol: float = 1e-9) -> float:
+    """The energy of an active set from its unit matrices, the columns of ``columns``.
+
+    ``sum_p ||T e_p||^2``, except that parallel columns (fft's p and -p) form one
+    group of energy ``(sum of their norms)^2``: found by comparing every pair of
+    normalised columns, so it needs no knowledge of the basis.
+    """
+    norms = columns.norm(dim=0)
+    unit = columns / norms
+    gram = (unit.T @ unit).abs()
+    k = columns.shape[1]
+    group = list(range(k))
+    for p in range(k):
+        if group[p] == p:
+            for q in torch.nonzero(gram[p, p + 1 :] > 1.0 - tol).flatten().tolist():
+                group[p + 1 + q] = p
+    sums: dict[int, float] = {}
+    for p in range(k):
+        sums[group[p]] = sums.get(group[p], 0.0) + float(norms[p])
+    return sum(v * v for v in sums.values())
+
+
+@pytest.fixture
+def energy_of() -> Callable[[torch.Tensor], float]:
+    """Return :func:`brute_force_energy`."""
+    return brute_force_energy
+
+
 @pytest.fixture
 def temporary_basis() -> Iterator[Callable[..., type[InverseTransform]]]:
     """Register bases for one test and unregister every one of them afterwards."""

@@ -186,30 +186,35 @@ def test_user_basis_end_to_end(temporary_basis) -> None:
 
     out = spectrum()
     dense = spectrum.dense_spectrum().detach()
-    torch.testing.assert_close(out, qm @ dense @ qn.T, rtol=0, atol=1e-12)
+    c = spectrum.scale_factor  # orthonormal: sqrt(mn / k)
+    assert c == pytest.approx(math.sqrt(60 / spectrum.n_coeffs), rel=1e-12)
+    torch.testing.assert_close(out, c * qm @ dense @ qn.T, rtol=0, atol=1e-12)
 
     upstream = torch.randn(shape, dtype=torch.float64)
     (out * upstream).sum().backward()
-    expected = (qm.T @ upstream @ qn).reshape(-1)[spectrum.indices]
+    expected = c * (qm.T @ upstream @ qn).reshape(-1)[spectrum.indices]
     torch.testing.assert_close(spectrum.coefficients.grad, expected, rtol=0, atol=1e-12)
 
     big = SparseSpectrum((32, 64), "test-orthogonal", sparse_ratio=0.3)
     with torch.no_grad():
         variance = big().double().var(correction=0).item()
     assert variance == pytest.approx(1.0 / (3 * 64), rel=0.05)
-    # orthonormal: calibrated ||s||^2 ~ m / 3
-    assert big.coefficients.double().square().sum().item() == pytest.approx(32 / 3, rel=0.05)
+    # orthonormal, on LoRA's scale: calibrated coefficients have RMS ~ sqrt(1 / (3 n))
+    energy = big.coefficients.double().square().sum().item()
+    assert energy == pytest.approx(big.n_coeffs / (3 * 64), rel=0.05)
 
 
 def test_user_basis_instance_without_registration() -> None:
     identity = make_identity()()
     spectrum = SparseSpectrum((4, 5), identity, n_coeffs=7)
     assert basis_name(spectrum.basis) == "Identity"
-    torch.testing.assert_close(spectrum(), spectrum.dense_spectrum())
+    c = math.sqrt(20 / 7)
+    assert spectrum.scale_factor == pytest.approx(c, rel=1e-12)
+    torch.testing.assert_close(spectrum(), c * spectrum.dense_spectrum())
     assert torch.count_nonzero(spectrum()) <= 7
     spectrum().sum().backward()
     assert spectrum.coefficients.grad is not None
-    torch.testing.assert_close(spectrum.coefficients.grad, torch.ones(7))
+    torch.testing.assert_close(spectrum.coefficients.grad, torch.full((7,), c))
     assert math.isclose(spectrum().detach().double().var(correction=0).item(), 1 / 15, rel_tol=1e-4)
 
 

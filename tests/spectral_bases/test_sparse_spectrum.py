@@ -43,7 +43,7 @@ def test_coefficients_are_the_only_parameter(name: str) -> None:
 @pytest.mark.parametrize("name", BASES)
 @pytest.mark.parametrize(("shape", "k"), [((6, 10), 23), ((8, 4), 32), ((2, 2), 1), ((4, 12), 40)])
 def test_forward_and_gradient_against_the_dense_reference(
-    name: str, shape: tuple[int, int], k: int, dense_operator
+    name: str, shape: tuple[int, int], k: int, dense_operator, energy_of
 ) -> None:
     m, n = shape
     spectrum = SparseSpectrum(shape, name, n_coeffs=k, seed=3, dtype=torch.float64)
@@ -59,13 +59,16 @@ def test_forward_and_gradient_against_the_dense_reference(
     full[idx] = coefficients
     torch.testing.assert_close(spectrum.dense_spectrum().reshape(-1), full, rtol=0, atol=0)
 
+    # M = c T(F), c = sqrt(mn / E), E the energy of the active columns of D
+    c = spectrum.scale_factor
+    assert c == pytest.approx(math.sqrt(m * n / energy_of(dense[:, idx])), rel=1e-12)
     out = spectrum()
     assert out.dtype == torch.float64
-    torch.testing.assert_close(out.reshape(-1), dense @ full, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.reshape(-1), c * (dense @ full), rtol=0, atol=1e-12)
 
     upstream = torch.from_numpy(rng.standard_normal((m, n)))
     (out * upstream).sum().backward()
-    expected = (dense.T @ upstream.reshape(-1))[idx]  # adjoint, read on Omega
+    expected = c * (dense.T @ upstream.reshape(-1))[idx]  # adjoint, read on Omega
     torch.testing.assert_close(spectrum.coefficients.grad, expected, rtol=0, atol=1e-12)
 
 
@@ -142,9 +145,9 @@ def test_calibrated_variance_is_kaiming(name: str, shape: tuple[int, int]) -> No
 @pytest.mark.parametrize("ratio", [0.0, 0.6, 0.95])
 def test_orthonormal_energy_follows_theory(name: str, shape: tuple[int, int], ratio: float) -> None:
     # Uncalibrated: unit-variance coefficients give E[var(M)] = k / (mn) for an
-    # orthonormal T, with relative spread sqrt(2 / k).
+    # orthonormal T, with relative spread sqrt(2 / k) (on the paper's scale, c = 1).
     m, n = shape
-    spectrum = SparseSpectrum(shape, name, sparse_ratio=ratio, dtype=torch.float64)
+    spectrum = SparseSpectrum(shape, name, sparse_ratio=ratio, dtype=torch.float64, scale="paper")
     k = spectrum.n_coeffs
     generator = torch.Generator().manual_seed(1234)
     with torch.no_grad():

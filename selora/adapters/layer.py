@@ -504,11 +504,13 @@ class SpectralLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Return the adapted output (the base output when merged or disabled)."""
-        base_out: Tensor = self.base_layer(x)
+        base_layer = self._modules["base_layer"]  # the dict: __getattr__ costs, per token
+        assert base_layer is not None
+        base_out: Tensor = base_layer(x)
         if self.merged or self.disabled:
             return base_out
-        bias = getattr(self.base_layer, "bias", None)
-        out: Tensor = self.adapter(x, base_out, frozen_weight(self.base_layer), bias)
+        bias = getattr(base_layer, "bias", None)
+        out: Tensor = self.adapter(x, base_out, frozen_weight(base_layer), bias)
         return out
 
     @torch.no_grad()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as nnf
-from torch import Tensor
+from torch import Tensor, nn
 
 from selora.adapters.layer import AdapterUnit
 from selora.adapters.registry import AdaptationBase, register_base
@@ -27,7 +27,10 @@ def low_rank_update(unit: AdapterUnit, x: Tensor, a: Tensor, b: Tensor) -> Tenso
     Returns:
         ``(..., d_out)``.
     """
-    return nnf.linear(nnf.linear(unit.dropout(x), a), b) * unit.scaling
+    dropout = unit._modules["dropout"]  # the dict: Module.__getattr__ costs, per layer per token
+    if unit.training and dropout is not None and not isinstance(dropout, nn.Identity):
+        x = dropout(x)  # (in eval, dropout is the identity: no call)
+    return nnf.linear(nnf.linear(x, a), b) * unit.scaling
 
 
 def delta_weight(unit: AdapterUnit, a: Tensor | None = None, b: Tensor | None = None) -> Tensor:
@@ -62,7 +65,8 @@ class LoRA(AdaptationBase):
     ) -> Tensor:
         """Add the low-rank update to the frozen output (see :func:`low_rank_update`)."""
         a, b = unit.factors(x.dtype)
-        return base_out + low_rank_update(unit, x, a, b).to(base_out.dtype)
+        update = low_rank_update(unit, x, a, b)
+        return base_out + (update if update.dtype == base_out.dtype else update.to(base_out.dtype))
 
     def merged_weight(self, unit: AdapterUnit, weight0: Tensor) -> Tensor:
         r"""Return :math:`W_0 + \tfrac{\alpha}{r} \tilde B \tilde A`."""

@@ -22,8 +22,6 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +32,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timing import interleaved_samples, medians_of
+from timing import interleaved_samples, medians_of, write_results
 
 from selora.spectral_bases import SparseSpectrum, list_bases
 
@@ -157,16 +155,10 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": "float32",
             "repeats": args.repeats,
             "number": args.number,
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "machine": platform.machine(),
             "seconds": results,
             "ratio_to_fft": ratios,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_results(args.json, payload)
     return 0
 
 

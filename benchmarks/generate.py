@@ -37,8 +37,6 @@ from __future__ import annotations
 import argparse
 import copy
 import inspect
-import json
-import platform
 import statistics
 import sys
 import time
@@ -50,7 +48,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timing import interleaved_samples
+from timing import interleaved_samples, write_results
 
 import selora
 
@@ -222,18 +220,12 @@ def main(argv: list[str] | None = None) -> int:
             "prompt": args.prompt,
             "new_tokens": args.new_tokens,
             "repeats": args.repeats,
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
             "peft": peft.__version__,
-            "python": platform.python_version(),
-            "machine": platform.machine(),
             "wall_samples": wall,
             "cpu_samples": cpu,
             "rows": rows,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_results(args.json, payload)
     return 0
 
 

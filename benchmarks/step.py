@@ -50,10 +50,8 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import json
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -64,7 +62,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timing import interleaved_samples, medians_of
+from timing import interleaved_samples, medians_of, write_results
 
 import selora
 from selora.adapters import DEFAULT_SPARSE_RATIO
@@ -336,11 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             "sparse_ratio": args.sparse_ratio,
             "budget": budget,
             "device": str(device),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
             "peft": peft.__version__,
-            "python": platform.python_version(),
-            "machine": platform.machine(),
             "seconds": medians,
             "samples": samples,
             "peak_bytes": peaks,
@@ -349,9 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             "merged_inference_samples": merged_samples,
             "rows": rows,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_results(args.json, payload)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Interleaved wall-clock timing shared by the benchmarks (bases.py, step.py).
+"""Interleaved timing and result files shared by the benchmarks (bases, step, generate).
 
 Every repeat runs each contender once, starting from a different one in turn,
 so that a slow phase of a noisy machine hits all of them alike.
@@ -6,9 +6,15 @@ so that a slow phase of a noisy machine hits all of them alike.
 
 from __future__ import annotations
 
+import json
+import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
 
 
 def interleaved_samples(
@@ -33,3 +39,16 @@ def interleaved_samples(
 def medians_of(samples: dict[str, list[float]]) -> dict[str, float]:
     """The median of each run's samples."""
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def write_results(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as JSON to ``path``, with the machine it was measured on."""
+    machine = {
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**payload, **machine}, indent=2) + "\n")
+    print(f"wrote {path}")

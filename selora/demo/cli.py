@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--epochs", type=_positive_int, default=2, help="passes over the training split"
     )
     parser.add_argument(
-        "--lr", type=float, default=1e-3, help="peak learning rate (AdamW), one for every parameter"
+        "--lr", type=float, default=1e-2, help="peak learning rate (AdamW), one for every parameter"
     )
     parser.add_argument("--batch-size", type=_positive_int, default=32, help="rows per step")
     parser.add_argument(

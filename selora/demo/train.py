@@ -136,7 +136,7 @@ class TrainConfig:
     """
 
     epochs: int = 2
-    lr: float = 1e-3
+    lr: float = 1e-2
     batch_size: int = 32
     weight_decay: float = 0.0
     warmup: float = 0.06

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 from collections.abc import Callable
@@ -13,6 +12,13 @@ import torch
 from torch import Tensor, nn
 
 from selora._tensor_cache import tensor_cache
+from selora.spectral_bases.calibration import (
+    SpectrumScale,
+    check_scale,
+    kaiming_variance,
+    on_cpu,
+    scale_factor,
+)
 from selora.spectral_bases.registry import InverseTransform, get_basis
 
 __all__ = [
@@ -25,22 +31,6 @@ __all__ = [
     "spectral_locations",
 ]
 
-SpectrumScale = Literal["lora", "paper"]
-r"""How a :class:`SparseSpectrum` scales its matrix.
-
-* ``"lora"`` (the default): :math:`M = c\,T(F)` with
-  :math:`c = \sqrt{mn / E}`, :math:`E` the basis' energy on :math:`\Omega`
-  (:meth:`~selora.InverseTransform.active_energy`). The coefficients live on
-  a dense LoRA factor's scale: one Adam step of size ``lr`` moves the
-  matrix's entries by about ``lr``, so LoRA's learning rate and weight decay
-  carry over to every basis and budget.
-* ``"paper"``: :math:`M = T(F)` (:math:`c = 1`), FoRA's eq. 3 as written; the
-  Kaiming gain is applied to the coefficients at init only. Checkpoints saved
-  before the option existed load with it.
-
-Both give the same matrix at init for the same random draws.
-"""
-
 SpectrumInit = Literal["kaiming", "zero"]
 """How a :class:`SparseSpectrum` is initialised (and re-initialised by ``reset_parameters``).
 
@@ -48,24 +38,7 @@ SpectrumInit = Literal["kaiming", "zero"]
 * ``"zero"``: every coefficient zero (LoRA's B factor); nothing is calibrated.
 """
 
-_SCALES: tuple[str, ...] = get_args(SpectrumScale)
 _INITS: tuple[str, ...] = get_args(SpectrumInit)
-
-
-def kaiming_variance(fan_in: int) -> float:
-    r"""Variance of torch's default ``nn.Linear`` weight init for a given fan-in.
-
-    ``nn.Linear`` draws :math:`W_{ij} \sim U(-b, b)` with :math:`b = 1/\sqrt{n}`
-    (Kaiming-uniform with :math:`a = \sqrt 5`), so
-    :math:`\operatorname{Var} W_{ij} = b^2 / 3 = 1 / (3 n)`.
-
-    Args:
-        fan_in: the number of input features ``n``.
-
-    Returns:
-        :math:`1 / (3 n)`.
-    """
-    return 1.0 / (3.0 * fan_in)
 
 
 def coefficient_budget(
@@ -169,70 +142,12 @@ def spectral_locations(shape: tuple[int, int], k: int, seed: int = 0) -> Tensor:
     return _cached_locations(_check_seed(seed), m, n, k)
 
 
-def _on_cpu() -> contextlib.AbstractContextManager[object]:
-    """Make the CPU the default device for a computation on constants.
-
-    Under ``with torch.device("meta")`` (a model built without memory), a basis
-    building its constants with factory functions would otherwise make them on
-    the meta device, where they hold no values.
-    """
-    if torch.get_default_device().type == "cpu":
-        return contextlib.nullcontext()
-    return torch.device("cpu")
-
-
-def _check_scale(scale: object) -> SpectrumScale:
-    if scale not in _SCALES:
-        raise ValueError(f"scale must be one of {list(_SCALES)}; got {scale!r}")
-    return scale  # type: ignore[return-value]
-
-
-def scale_factor(
-    basis: InverseTransform, shape: tuple[int, int], indices: Tensor, scale: SpectrumScale = "lora"
-) -> float:
-    r"""Return the constant :math:`c` of a spectrum, :math:`M = c\,T(F)`.
-
-    For ``scale="lora"``, :math:`c = \sqrt{mn / E}` with
-    :math:`E = \sum_{p \in \Omega} \|T(e_p)\|_F^2` the basis' energy on
-    :math:`\Omega` (:meth:`InverseTransform.active_energy`). For i.i.d.
-    coefficients :math:`s_p` of root-mean-square :math:`\sigma`,
-    :math:`\mathbb{E}\|c\,T(F)\|_F^2 = c^2 \sigma^2 E = mn\,\sigma^2`: the
-    entries of :math:`M` have root-mean-square :math:`\sigma` too. For
-    ``scale="paper"``, :math:`c = 1`.
-
-    Args:
-        basis: the basis.
-        shape: ``(m, n)``.
-        indices: the flat positions of :math:`\Omega`.
-        scale: ``"lora"`` or ``"paper"`` (:data:`SpectrumScale`).
-
-    Returns:
-        :math:`c`, a positive float.
-
-    Raises:
-        ValueError: on an unknown ``scale``, or if the basis gives the active
-            set no finite positive energy (naming the basis).
-    """
-    if _check_scale(scale) == "paper":
-        return 1.0
-    m, n = _check_shape(shape)
-    with _on_cpu():
-        energy = float(basis.active_energy((m, n), indices))
-    if not (energy > 0.0 and math.isfinite(energy)):
-        raise ValueError(
-            f"basis {basis.label()!r} gives the {indices.numel()} active locations of a "
-            f"{m}x{n} spectrum the energy {energy}; cannot scale (scale='lora'), use "
-            "scale='paper' or fix the basis' active_energy"
-        )
-    return math.sqrt(m * n / energy)
-
-
 def _check_contract(basis: InverseTransform, shape: tuple[int, int], dtype: torch.dtype) -> None:
     """Transform one spectrum on the CPU and check the output's type, shape and dtype."""
     probe = torch.zeros(shape, dtype=dtype, device="cpu")
     probe.view(-1)[0] = 1.0
     try:
-        with _on_cpu():
+        with on_cpu():
             out = basis(probe)
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
         raise ValueError(
@@ -325,7 +240,7 @@ class SparseSpectrum(nn.Module):
     ) -> None:
         super().__init__()
         m, n = _check_shape(shape)
-        self.scale = _check_scale(scale)
+        self.scale = check_scale(scale)
         if init not in _INITS:
             raise ValueError(f"init must be one of {list(_INITS)}; got {init!r}")
         self.init = init

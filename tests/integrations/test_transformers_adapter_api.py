@@ -68,3 +68,20 @@ def test_transformers_add_adapter_reaches_peft_s_version_check_only() -> None:
         assert "version of PEFT" in str(exc), exc
         return
     assert torch.equal(logits(model, ids), before)
+
+
+def test_peft_hotswap_refuses_selora_saying_so(tmp_path: Path) -> None:
+    """PEFT's ``hotswap_adapter`` supports LoRA only; on SELORA it must refuse, naming it.
+
+    It used to fail with ``AttributeError: 'str' object has no attribute 'value'``.
+    """
+    from peft.utils.hotswap import hotswap_adapter
+
+    other = get_peft_model(tiny_llama(), config())
+    perturb(other)
+    other.save_pretrained(tmp_path)
+    model = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    before = logits(model, inputs())
+    with pytest.raises(ValueError, match="SELORA"):
+        hotswap_adapter(model, str(tmp_path), adapter_name="default")
+    assert torch.equal(logits(model, inputs()), before)  # refused before changing anything

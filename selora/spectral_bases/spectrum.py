@@ -286,8 +286,11 @@ class SparseSpectrum(nn.Module):
         Returns:
             The dense spectrum in the coefficients' dtype, zero off :math:`\Omega`.
         """
+        return self._scatter(self.coefficients)
+
+    def _scatter(self, coeffs: Tensor) -> Tensor:
+        """Place ``coeffs`` at the locations of an otherwise zero ``(m, n)`` tensor."""
         m, n = self.shape
-        coeffs = self.coefficients
         flat = coeffs.new_zeros(m * n).scatter(0, self._locations(), coeffs)
         return flat.view(m, n)
 
@@ -302,12 +305,10 @@ class SparseSpectrum(nn.Module):
         Returns:
             An ``(m, n)`` tensor.
         """
-        m, n = self.shape
         coeffs: Tensor = self.coefficients
         if self.scale_factor != 1.0:
             coeffs = coeffs * self.scale_factor  # c T(F) = T(c F): k products, not mn
-        flat = coeffs.new_zeros(m * n).scatter(0, self._locations(), coeffs)
-        spectrum = flat.view(m, n)
+        spectrum = self._scatter(coeffs)
         if spectrum.dtype not in (torch.float32, torch.float64):
             spectrum = spectrum.float()
         out = self.basis(spectrum)

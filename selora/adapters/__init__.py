@@ -5,33 +5,43 @@ Importing it registers the built-in bases ``lora``, ``dora``, ``hira`` and ``xlo
 
 from selora.adapters import dora, hira, lora, xlora  # noqa: F401 - registers the built-in bases
 from selora.adapters.config import DEFAULT_SPARSE_RATIO, SpectralAdapter
-from selora.adapters.io import AdapterCheckpointError, load_adapter, read_adapter, save_adapter
-from selora.adapters.layer import AdapterUnit, DenseFactor, SpectralLayer
-from selora.adapters.model import (
-    adapter_config,
-    adapter_layers,
+from selora.adapters.diagnostics import (
     check_finite,
-    disable_adapters,
-    inject,
-    merge,
     parameter_summary,
     print_trainable_parameters,
     set_finite_checks,
     trainable_parameters,
+)
+from selora.adapters.factors import DenseFactor
+from selora.adapters.io import AdapterCheckpointError, load_adapter, read_adapter, save_adapter
+from selora.adapters.layer import SpectralLayer
+from selora.adapters.model import (
+    active_adapters,
+    adapter_config,
+    adapter_layers,
+    delete_adapter,
+    disable_adapters,
+    inject,
+    merge,
+    set_adapter,
     unload,
     unmerge,
 )
 from selora.adapters.registry import (
     AdaptationBase,
     UnknownAdapterBaseError,
+    Update,
     get_adapter_base,
     list_adapter_bases,
     register_base,
     unregister_base,
 )
+from selora.adapters.routing import BASE_NAME
+from selora.adapters.unit import AdapterUnit
 from selora.adapters.xlora import XLoRA, XLoRAClassifier, XLoRALayer, get_xlora_classifier
 
 __all__ = [
+    "BASE_NAME",
     "DEFAULT_SPARSE_RATIO",
     "AdaptationBase",
     "AdapterCheckpointError",
@@ -40,12 +50,15 @@ __all__ = [
     "SpectralAdapter",
     "SpectralLayer",
     "UnknownAdapterBaseError",
+    "Update",
     "XLoRA",
     "XLoRAClassifier",
     "XLoRALayer",
+    "active_adapters",
     "adapter_config",
     "adapter_layers",
     "check_finite",
+    "delete_adapter",
     "disable_adapters",
     "get_adapter_base",
     "inject",
@@ -57,6 +70,7 @@ __all__ = [
     "read_adapter",
     "register_base",
     "save_adapter",
+    "set_adapter",
     "set_finite_checks",
     "trainable_parameters",
     "unload",

@@ -113,8 +113,18 @@ class SpectralAdapter:
             so the coefficients sit on a dense LoRA factor's scale and LoRA's
             learning rate carries over; ``"paper"`` is FoRA's eq. 3 as written
             (:math:`c = 1`). Both give the same model at init. Saved in
-            checkpoints; a checkpoint written before the option existed loads
-            as ``"paper"``. Ignored by dense factors (``basis=None``).
+            checkpoints (one without it is refused, never given a default).
+            Ignored by dense factors (``basis=None``).
+        init_weights: PEFT's convention. ``True`` (default): :math:`\tilde B`
+            starts at zero, so the adapted model equals its base model.
+            ``False``: :math:`\tilde B` starts random and non-zero (calibrated
+            as :math:`\tilde A` is), so the adapter changes the output from
+            the start; for tests, as PEFT's other methods offer.
+        autocast_adapter_dtype: PEFT's convention. ``True`` (default): the
+            adapter parameters are float32 (float64 for a float64 layer)
+            whatever the layer's dtype. ``False``: they take the layer's
+            dtype (bfloat16 for a bfloat16 model); the transform still
+            computes in float32 (:class:`~selora.InverseTransform`).
 
     Raises:
         ValueError: naming the field, for any invalid value or combination.
@@ -133,6 +143,8 @@ class SpectralAdapter:
     seed: int = 0
     base_options: Mapping[str, Any] = field(default_factory=dict)
     scale: SpectrumScale = "lora"
+    init_weights: bool = True
+    autocast_adapter_dtype: bool = True
 
     def __post_init__(self) -> None:
         # Imported here: the base registry imports this module for its types.
@@ -176,6 +188,9 @@ class SpectralAdapter:
         if not isinstance(self.scale, str) or self.scale not in get_args(SpectrumScale):
             allowed = list(get_args(SpectrumScale))
             raise _fail("scale", f"must be one of {allowed}; got {self.scale!r}")
+        for flag in ("init_weights", "autocast_adapter_dtype"):
+            if not isinstance(getattr(self, flag), bool):
+                raise _fail(flag, f"must be True or False; got {getattr(self, flag)!r}")
         targets = _as_names(self.target_modules, "target_modules")
         if targets == ():
             raise _fail("target_modules", "no module names given")
@@ -259,6 +274,8 @@ class SpectralAdapter:
             "seed": self.seed,
             "base_options": dict(self.base_options),
             "scale": self.scale,
+            "init_weights": self.init_weights,
+            "autocast_adapter_dtype": self.autocast_adapter_dtype,
         }
 
     @classmethod

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from selora.adapters.layer import AdapterUnit, compute_dtype
+from selora.adapters.layer_types import compute_dtype
 from selora.adapters.lora import delta_weight, low_rank_update
-from selora.adapters.registry import AdaptationBase, register_base
+from selora.adapters.registry import AdaptationBase, Update, register_base
+from selora.adapters.unit import AdapterUnit
 
 __all__ = ["DoRA"]
 
@@ -93,26 +94,22 @@ class DoRA(AdaptationBase):
         update = low_rank_update(unit, x, a, b).to(base_out.dtype)
         return base_out + (gain - 1) * base_no_bias + gain * update
 
-    def merged_weight(self, unit: AdapterUnit, weight0: Tensor) -> Tensor:
-        r"""Return :math:`\operatorname{diag}(m / \lVert V\rVert) V`; remember the norm."""
-        v = weight0 + delta_weight(unit)
-        norm = _row_norm(v)
-        unit.merged_norm = norm.detach().clone()
-        magnitude = _magnitude(unit)
-        return v * (magnitude.to(v.dtype) / _divisor(norm)).unsqueeze(1)
+    def update(self, unit: AdapterUnit, weight0: Tensor | None) -> Update:
+        r"""Return :math:`(S, C) = (g - 1,\ g \odot \tfrac{\alpha}{r}\tilde B \tilde A)` per row.
 
-    def unmerged_weight(self, unit: AdapterUnit, weight: Tensor) -> Tensor:
-        r"""Return :math:`W_0 = V - \tfrac{\alpha}{r}\tilde B \tilde A`.
-
-        Row-wise, :math:`V = W \lVert V\rVert / m`.
-
-        The row norms :math:`\lVert V\rVert` were remembered at merge time. A
-        row with :math:`m_i = 0` was merged to zero whatever :math:`V_i`; it is
-        restored as :math:`V_i = 0` (exact for a zero row of :math:`W_0` with
-        :math:`\tilde B_i = 0`, lost otherwise).
+        With :math:`g = m / \lVert V \rVert_{row}`, :math:`W = g \odot V = W_0 + (g - 1)
+        \odot W_0 + g \odot \tfrac{\alpha}{r}\tilde B\tilde A`. At a merge the row norms
+        of :math:`V = W_0 + \tfrac{\alpha}{r}\tilde B\tilde A` are computed and
+        remembered; at an unmerge (``weight0=None``) the remembered ones are used.
+        A row with :math:`m_i = 0` is merged to zero (:math:`1 + S_i = 0`): it is
+        restored as zero, exact for the all-zero row of :math:`W_0` that gives
+        :math:`m_i = 0` at init.
         """
-        magnitude = _magnitude(unit).to(weight.dtype)
-        norm = _merged_norm(unit).to(weight.dtype)
-        ratio = torch.where(magnitude == 0, torch.zeros_like(norm), norm / _divisor(magnitude))
-        v = weight * ratio.unsqueeze(1)
-        return v - delta_weight(unit)
+        delta = delta_weight(unit)
+        if weight0 is not None:
+            norm = _row_norm(weight0.to(delta.dtype) + delta)
+            unit.merged_norm = norm.detach().clone()
+        else:
+            norm = _merged_norm(unit).to(delta.dtype)
+        gain = (_magnitude(unit).to(delta.dtype) / _divisor(norm)).unsqueeze(1)
+        return gain - 1, gain * delta

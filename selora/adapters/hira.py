@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor
 
-from selora.adapters.layer import AdapterUnit
-from selora.adapters.registry import AdaptationBase, register_base
+from selora.adapters.registry import AdaptationBase, Update, register_base
+from selora.adapters.unit import AdapterUnit
 
 __all__ = ["HiRA"]
 
@@ -42,18 +42,10 @@ class HiRA(AdaptationBase):
         product: Tensor = b.to(dtype) @ a.to(dtype)
         return product
 
-    def merged_weight(self, unit: AdapterUnit, weight0: Tensor) -> Tensor:
-        r"""Return :math:`W_0 \odot (1 + \tilde B \tilde A)`."""
-        return weight0 * (1.0 + self._product(unit))
+    def update(self, unit: AdapterUnit, weight0: Tensor | None) -> Update:
+        r"""Return :math:`(S, C) = (\tilde B \tilde A, 0)`: :math:`W = W_0 (1 + \tilde B\tilde A)`.
 
-    def unmerged_weight(self, unit: AdapterUnit, weight: Tensor) -> Tensor:
-        r"""Return :math:`W / (1 + \tilde B \tilde A)` (elementwise).
-
-        Raises:
-            RuntimeError: if an entry of :math:`1 + \tilde B \tilde A` is zero,
-                where :math:`W_0` cannot be recovered.
+        Unmerging divides by :math:`1 + \tilde B \tilde A`; where an entry of it
+        is zero the merge lost :math:`W_0`, and the unmerge refuses.
         """
-        factor = 1.0 + self._product(unit)
-        if bool((factor == 0).any()):
-            raise RuntimeError("HiRA cannot unmerge: 1 + B A has a zero entry")
-        return weight / factor
+        return self._product(unit), None

@@ -1,463 +1,430 @@
-"""Adapter checkpoints: one safetensors file plus its JSON config.
+"""Adapter checkpoints through the native front door: ``save_adapter`` / ``load_adapter``.
 
-A checkpoint is a directory holding ``adapter_model.safetensors`` and
-``adapter_config.json``.
+The format (PEFT's directory layout, version 2) is described in
+:mod:`selora.adapters.checkpoint_format`; ``PeftModel.save_pretrained`` writes
+the same files and ``PeftModel.from_pretrained`` reads them, so either front
+door reads what the other wrote.
 
-Tensor keys (``adapter_model.safetensors``):
-    A tensor is keyed by its full name in the adapted model, as
-    ``model.state_dict()`` spells it: ``"{layer}.adapter.lora_A.coefficients"``
-    (``...lora_A.weight`` for a dense factor), ``"{layer}.adapter.magnitude"``
-    (DoRA), ``"classifier.weight"`` (a ``modules_to_save`` head). Saved, each in
-    its dtype: every parameter and persistent buffer under an
-    :class:`AdapterUnit`, under a wrapper (a module with a ``base_layer`` and an
-    ``AdapterUnit``) but outside its ``base_layer``, under a ``modules_to_save``
-    module or a module selora attached as ``selora_*`` (X-LoRA's classifier),
-    and every parameter with ``requires_grad``; never a frozen base weight.
-    Each distinct set of spectral locations is stored once, as int32 flat
-    indices, under ``"__locations__.{m}x{n}.{k}.{seed}"`` (``.1``, ``.2``, ...
-    appended if sets of one key differ).
-
-JSON (``adapter_config.json``):
-    ``format`` (``"selora-adapter"``), ``format_version``, ``selora_version``,
-    ``torch_version``; ``adapter``: :meth:`SpectralAdapter.to_dict`;
-    ``basis_class``: the basis' ``module.QualName`` (``null`` for dense
-    factors); ``modules``: adapter-unit name -> ``{"layer", "d_in", "d_out",
-    "factors": {"lora_A": {"shape", "n_coeffs", "locations"}, ...}}`` where
-    ``locations`` is a tensor key (``null`` for a dense factor);
-    ``locations``: tensor key -> ``{"shape": [m, n], "n_coeffs", "seed"}``.
-
-A basis given as an instance is saved by its label (its registered name, or
-its class name when unregistered). Loading into a model that holds no adapter
-builds the basis by that name, so an unregistered basis must be registered
-(:func:`selora.register_basis`) under that name before :func:`load_adapter`.
+Safe to write: each file goes to a temporary file created exclusively in the
+target directory (``mkstemp``: unpredictable name, ``O_EXCL``, no symlink
+followed), is flushed to disk, then renamed over the old one. Safe to read:
+the config's hash must equal the one stored with the tensors (a reader racing
+a writer re-reads for up to :data:`CONSISTENCY_TIMEOUT` seconds, so it gets
+the old or the new adapter, never a mix); every key, dtype, shape, size and
+location set is checked before anything is allocated or written, and any
+failure raises :class:`AdapterCheckpointError` and leaves the model as it was.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
+from selora.adapters.checkpoint_format import (
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    HASH_KEY,
+    PEFT_PREFIX,
+    UNITS_ATTR,
+    VERSION_FIELD,
+    WEIGHTS_NAME,
+    AdapterCheckpointError,
+    config_digest,
+    differing_fields,
+    digest_tensor,
+    full_config,
+    spectral_config,
+)
+from selora.adapters.checkpoint_plan import (
+    LoadPlan,
+    check_location_set,
+    expected_budget,
+    location_tensors,
+    locations_key,
+    override_key,
+    plan_load,
+    restore_model,
+    snapshot_model,
+)
+from selora.adapters.checkpoint_read import (
+    CONSISTENCY_TIMEOUT,
+    META_HASH,
+    Checkpoint,
+    read_adapter,
+    read_checkpoint,
+)
 from selora.adapters.config import SpectralAdapter
-from selora.adapters.layer import AdapterUnit, DenseFactor
-from selora.adapters.model import adapter_config, inject
-from selora.spectral_bases import SparseSpectrum, UnknownBasisError, get_basis
+from selora.adapters.layer import SpectralLayer
+from selora.adapters.layer_types import frozen_weight, is_supported_layer
+from selora.adapters.model import ADAPTERS_ATTR, adapter_config, inject
+from selora.adapters.unit import AdapterUnit
+from selora.spectral_bases import SparseSpectrum
 
 __all__ = [
     "CONFIG_NAME",
+    "CONSISTENCY_TIMEOUT",
+    "FORMAT_VERSION",
     "WEIGHTS_NAME",
     "AdapterCheckpointError",
+    "Checkpoint",
     "load_adapter",
     "read_adapter",
+    "read_checkpoint",
     "save_adapter",
+    "unit_plan",
 ]
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-FORMAT, FORMAT_VERSION = "selora-adapter", 1
-_LOCATIONS = "__locations__."
-_INT32_MAX = 2**31 - 1
+_CLASSIFIER_ATTR = "selora_xlora_classifier"
 
 
-class AdapterCheckpointError(ValueError):
-    """A checkpoint that cannot be read, or that does not fit the model; the model is unchanged."""
+# --------------------------------------------------------------------------- what an adapter owns
 
 
-def _class_path(obj: object) -> str:
-    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+def _name_matches(name: str, wanted: str) -> bool:
+    return name == wanted or name.endswith("." + wanted)
 
 
-def _under(key: str, prefixes: list[str]) -> bool:
-    return any(key.startswith(p) for p in prefixes)
+def _is_xlora(adapter: SpectralAdapter) -> bool:
+    return adapter.base == "xlora"
 
 
-def _is_wrapper(module: nn.Module) -> bool:
-    base = getattr(module, "base_layer", None)
-    return isinstance(base, nn.Module) and any(isinstance(m, AdapterUnit) for m in module.modules())
+def _unit_tensors(
+    model: nn.Module, name: str, adapter: SpectralAdapter
+) -> Iterator[tuple[str, str, nn.Module]]:
+    """Yield ``(layer name, checkpoint prefix, owner)`` per unit (or X-LoRA layer) of ``name``.
+
+    The owner's persistent state, keyed from the prefix, is what the checkpoint holds.
+    """
+    for layer_name, layer in model.named_modules():
+        if not isinstance(layer, SpectralLayer):
+            continue
+        if _is_xlora(adapter):
+            if isinstance(getattr(layer, "experts", None), nn.ModuleList):
+                yield layer_name, f"{PEFT_PREFIX}{layer_name}.", layer
+        elif name in layer.selora_units:
+            yield layer_name, f"{PEFT_PREFIX}{layer_name}.{UNITS_ATTR}.", layer.selora_units[name]
 
 
-def _adapter_state(model: nn.Module, adapter: SpectralAdapter) -> dict[str, Tensor]:
-    """Return the tensors a checkpoint holds (see the module docstring), by state-dict key."""
-    units, wrappers, kept = [], [], []
-    for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
-        if isinstance(module, AdapterUnit):
-            units.append(prefix)
-        elif _is_wrapper(module):
-            wrappers.append(prefix)
-        leaf = name.rpartition(".")[2]
-        if leaf.startswith("selora_") or any(
-            name == t or name.endswith("." + t) for t in adapter.modules_to_save
-        ):
-            kept.append(prefix)
-    bases = [f"{w}base_layer." for w in wrappers]
-    state: dict[str, Tensor] = {}
-    seen: set[int] = set()
-    for key, tensor in model.state_dict(keep_vars=True).items():
-        trainable = isinstance(tensor, nn.Parameter) and tensor.requires_grad
-        wrapped = _under(key, wrappers) and not _under(key, bases)
-        if id(tensor) not in seen and (trainable or wrapped or _under(key, units + kept)):
-            seen.add(id(tensor))
-            state[key] = tensor
-    return state
+def _owned(
+    model: nn.Module, name: str, adapter: SpectralAdapter
+) -> tuple[dict[str, Tensor], dict[str, SparseSpectrum]]:
+    """Return the adapter's tensors and sparse factors, by checkpoint key and stem."""
+    tensors: dict[str, Tensor] = {}
+    factors: dict[str, SparseSpectrum] = {}
+    for _, prefix, owner in _unit_tensors(model, name, adapter):
+        for key, tensor in owner.state_dict(keep_vars=True).items():
+            if not key.startswith(("base_layer.", f"{UNITS_ATTR}.")):
+                tensors[prefix + key] = tensor
+        for sub, module in owner.named_modules():
+            if isinstance(module, SparseSpectrum) and not sub.startswith("base_layer"):
+                factors[prefix + sub] = module
+    modules = [(n, m) for n, m in model.named_modules() if n]
+    for wanted in adapter.modules_to_save:
+        for module_name, module in modules:
+            if _name_matches(module_name, wanted):
+                for key, tensor in module.state_dict(keep_vars=True).items():
+                    tensors[f"{PEFT_PREFIX}{module_name}.{key}"] = tensor
+    if _is_xlora(adapter):
+        for module_name, module in modules:
+            if module_name.rpartition(".")[2] == _CLASSIFIER_ATTR:
+                for key, tensor in module.state_dict(keep_vars=True).items():
+                    tensors[f"{PEFT_PREFIX}{module_name}.{key}"] = tensor
+    return tensors, factors
 
 
-def _units(model: nn.Module) -> dict[str, tuple[str, AdapterUnit]]:
-    """Map each adapter unit's name to (the name of the layer it adapts, the unit)."""
-    wrappers: list[str] = []
-    units: dict[str, tuple[str, AdapterUnit]] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, AdapterUnit):
-            owners = [w for w in wrappers if name.startswith(w + ".")]
-            units[name] = (max(owners, key=len) if owners else name, module)
-        elif _is_wrapper(module):
-            wrappers.append(name)
-    return units
+# --------------------------------------------------------------------------- writing
 
 
-def _factors(unit: AdapterUnit) -> list[tuple[str, SparseSpectrum | DenseFactor]]:
-    return [
-        (n, c) for n, c in unit.named_children() if isinstance(c, (SparseSpectrum, DenseFactor))
-    ]
-
-
-def _describe(layer: str, unit: AdapterUnit) -> dict[str, Any]:
-    """Return the JSON entry of an adapter unit (its factors without their locations)."""
-    factors = {n: {"shape": list(f.shape), "n_coeffs": f.n_coeffs} for n, f in _factors(unit)}
-    d_out, d_in = int(unit.lora_B.shape[0]), int(unit.lora_A.shape[1])
-    return {"layer": layer, "d_in": d_in, "d_out": d_out, "factors": factors}
-
-
-def _store_locations(
-    spectrum: SparseSpectrum | DenseFactor, tensors: dict[str, Tensor], table: dict[str, Any]
-) -> str | None:
-    """Add the locations of a spectrum to ``tensors`` once; return their key (None if dense)."""
-    if not isinstance(spectrum, SparseSpectrum):
-        return None
-    (m, n), k = spectrum.shape, spectrum.n_coeffs
-    if m * n > _INT32_MAX:
-        raise ValueError(f"a {m}x{n} spectrum has flat indices beyond int32")
-    indices = spectrum.indices.detach().cpu()
-    stem = f"{_LOCATIONS}{m}x{n}.{k}.{spectrum.seed}"
-    key, i = stem, 0
-    while key in table:
-        if torch.equal(tensors[key].long(), indices.long()):
-            return key
-        i += 1
-        key = f"{stem}.{i}"
-    tensors[key] = indices.to(torch.int32).contiguous()
-    table[key] = {"shape": [m, n], "n_coeffs": k, "seed": spectrum.seed}
-    return key
-
-
-def _write(target: Path, write: Any) -> None:
-    """Write through a temporary file and rename it, so no half-written file is left."""
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+def _write_atomically(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` through an exclusive temporary file, fsync'd, then renamed."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
-        write(tmp)
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o644)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not every platform opens directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
     finally:
-        tmp.unlink(missing_ok=True)
+        os.close(fd)
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> None:
-    """Save the adapter of ``model`` (not its frozen base weights) to the directory ``path``.
+def save_adapter(model: nn.Module, path: str | os.PathLike[str], name: str = "default") -> None:
+    """Save the adapter ``name`` of ``model`` (not its frozen base weights) to directory ``path``.
 
-    Writes ``adapter_model.safetensors`` (coefficients, trainable extras, each
-    distinct set of spectral locations once as int32) and
-    ``adapter_config.json``; the module docstring gives the keys.
+    Writes ``adapter_config.json`` (what ``SeloraConfig.to_dict()`` gives) and
+    ``adapter_model.safetensors`` in PEFT's layout
+    (:mod:`selora.adapters.checkpoint_format`), so ``PeftModel.from_pretrained``
+    reads it too. Each file is written to an exclusive temporary file in
+    ``path``, flushed to disk and renamed over the old one; a reader racing
+    the save gets the old or the new adapter.
 
     Args:
         model: a model adapted by :func:`selora.inject`.
         path: a directory, created if needed; existing checkpoint files are replaced.
+        name: the adapter to save.
 
     Raises:
-        ValueError: if ``model`` holds no selora adapter, or its ``base_options``
+        ValueError: if ``model`` holds no adapter ``name``, or its ``base_options``
             are not JSON-serialisable.
+        BasisNotSavableError: if the basis cannot be rebuilt from its declared
+            options (a ``ValueError``); nothing is written.
     """
-    from selora import __version__
-
-    adapter = adapter_config(model)
-    state = _adapter_state(model, adapter)
-    tensors = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in state.items()}
-    modules: dict[str, Any] = {}
-    locations: dict[str, Any] = {}
-    for name, (layer, unit) in _units(model).items():
-        modules[name] = _describe(layer, unit)
-        for fname, factor in _factors(unit):
-            key = _store_locations(factor, tensors, locations)
-            modules[name]["factors"][fname]["locations"] = key
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "selora_version": __version__,
-        "torch_version": torch.__version__,
-        "adapter": adapter.to_dict(),
-        "basis_class": None if adapter.basis is None else _class_path(_basis(adapter)),
-        "modules": modules,
-        "locations": locations,
-    }
-    try:
-        text = json.dumps(meta, indent=2)
-    except TypeError as exc:
-        raise ValueError(f"cannot save the adapter config as JSON: {exc}") from None
+    adapter = adapter_config(model, name)
+    owned, factors = _owned(model, name, adapter)
+    shapes = sorted({spectrum.shape for spectrum in factors.values()})
+    config = full_config(adapter, shapes=shapes)  # refuses an unsavable basis, before any write
+    tensors = {key: t.detach().to("cpu", copy=True).contiguous() for key, t in owned.items()}
+    tensors.update(location_tensors(factors.items()))
+    digest = config_digest(config)
+    tensors[HASH_KEY] = digest_tensor(digest)
+    metadata = {"format": "pt", VERSION_FIELD: str(FORMAT_VERSION), META_HASH: digest.hex()}
+    weights = safetensors_bytes(tensors, metadata=metadata)
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": "pt", "selora": FORMAT}
-    _write(directory / WEIGHTS_NAME, lambda f: save_file(tensors, str(f), metadata=metadata))
-    _write(directory / CONFIG_NAME, lambda f: f.write_text(text + "\n", encoding="utf-8"))
+    _write_atomically(directory / WEIGHTS_NAME, weights)
+    _write_atomically(directory / CONFIG_NAME, text.encode("utf-8"))
+    _fsync_directory(directory)
 
 
-def _basis(adapter: SpectralAdapter) -> object:
-    basis = adapter.basis
-    return get_basis(basis) if isinstance(basis, str) else basis
+# --------------------------------------------------------------------------- loading
 
 
-def _adapter_dict(meta: dict[str, Any]) -> dict[str, Any]:
-    """The saved adapter description; one saved before ``scale`` existed is ``"paper"``."""
-    data = dict(meta["adapter"])
-    data.setdefault("scale", "paper")  # FoRA's eq. 3 as written: what it computed
-    return data
-
-
-def _adapter_from(meta: dict[str, Any], where: Path) -> SpectralAdapter:
-    data, recorded = _adapter_dict(meta), meta.get("basis_class")
-    name = data.get("basis")
-    if name is not None:
-        try:
-            found = _class_path(get_basis(name))
-        except UnknownBasisError as exc:
-            raise AdapterCheckpointError(
-                f"{where}: the adapter's basis {name!r} (class {recorded}) is not registered; "
-                f"register it with selora.register_basis({name!r}) before loading. {exc}"
-            ) from None
-        if recorded is not None and found != recorded:
-            raise AdapterCheckpointError(
-                f"{where}: basis {name!r} was {recorded} when saved but is {found} now"
-            )
-    try:
-        return SpectralAdapter.from_dict(data)
-    except ValueError as exc:
-        raise AdapterCheckpointError(f"{where}: invalid adapter config: {exc}") from None
-
-
-def read_adapter(
-    path: str | os.PathLike[str],
-) -> tuple[SpectralAdapter, dict[str, Tensor], dict[str, Any]]:
-    """Read and check a checkpoint without touching any model.
+def unit_plan(
+    checkpoint: Checkpoint,
+    units: Mapping[str, AdapterUnit],
+    where: str,
+    *,
+    owner: str = "the units loaded",
+) -> LoadPlan:
+    """Check a plain adapter's checkpoint against other units (X-LoRA's experts), by layer name.
 
     Args:
-        path: a directory written by :func:`save_adapter`.
+        checkpoint: from :func:`read_checkpoint`.
+        units: layer name -> the unit its saved unit loads into.
+        where: for messages.
+        owner: what the units are, for messages.
 
     Returns:
-        ``(adapter, tensors, metadata)``: the adapter description; every tensor
-        of the file on the CPU, keyed as in the module docstring (locations
-        included, int32); the parsed JSON config.
+        The :class:`~selora.adapters.checkpoint_plan.LoadPlan`; nothing is written
+        until it is applied (``apply_locations()``, then ``apply_copies()``).
 
     Raises:
-        FileNotFoundError: if a checkpoint file is missing (naming it).
-        AdapterCheckpointError: naming the file, if it is truncated, corrupt or
-            inconsistent, or its basis is not registered.
+        AdapterCheckpointError: if the checkpoint adapts other modules, a
+            tensor is missing, of another dtype or shape, a location set is
+            bad, or the checkpoint holds anything else (a modules_to_save head).
     """
-    config_file, weights_file = Path(path) / CONFIG_NAME, Path(path) / WEIGHTS_NAME
-    for file in (config_file, weights_file):
-        if not file.is_file():
-            raise FileNotFoundError(f"no adapter checkpoint file {file}")
-    try:
-        meta = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise AdapterCheckpointError(f"{config_file} is not a readable JSON file: {exc}") from None
-    try:
-        tensors: dict[str, Tensor] = load_file(str(weights_file), device="cpu")
-    except Exception as exc:  # safetensors raises its own error types
+    marker = f".{UNITS_ATTR}."
+    saved = {
+        key[len(PEFT_PREFIX) :].partition(marker)[0]
+        for key in checkpoint.tensors
+        if key.startswith(PEFT_PREFIX) and marker in key
+    }
+    if saved != set(units):
         raise AdapterCheckpointError(
-            f"{weights_file} is not a readable safetensors file (truncated or corrupt?): {exc}"
-        ) from None
-    if not isinstance(meta, dict) or (meta.get("format"), meta.get("format_version")) != (
-        FORMAT,
-        FORMAT_VERSION,
-    ):
-        raise AdapterCheckpointError(f"{config_file} is not a {FORMAT} v{FORMAT_VERSION} config")
-    try:
-        adapter = _adapter_from(meta, config_file)
-        for key, info in meta["locations"].items():
-            (m, n), k, t = info["shape"], int(info["n_coeffs"]), tensors.get(key)
-            if t is None or t.dtype != torch.int32 or tuple(t.shape) != (k,):
-                raise AdapterCheckpointError(f"{weights_file}: {key!r} is not an int32 ({k},) set")
-            s = t.sort().values
-            if k and (s[0] < 0 or s[-1] >= m * n or bool((s[1:] == s[:-1]).any())):
+            f"{where}: the checkpoint must adapt the same modules as {owner}; missing "
+            f"{sorted(set(units) - saved)[:5]}, not adapted here {sorted(saved - set(units))[:5]}"
+        )
+    targets: dict[str, Tensor] = {}
+    factors: dict[str, SparseSpectrum] = {}
+    for layer_name, unit in units.items():
+        prefix = f"{PEFT_PREFIX}{layer_name}{marker}"
+        for key, tensor in unit.state_dict(keep_vars=True).items():
+            targets[prefix + key] = tensor
+        for sub, module in unit.named_modules():
+            if isinstance(module, SparseSpectrum):
+                factors[prefix + sub] = module
+    return plan_load(checkpoint.tensors, targets, factors, where, owner=owner)
+
+
+def _fit_modules_to_save(adapter: SpectralAdapter, model: nn.Module) -> SpectralAdapter:
+    """Drop the ``modules_to_save`` entries no module of ``model`` matches.
+
+    PEFT adds ``classifier`` and ``score`` to a sequence-classification config
+    whatever the model, and ignores the ones that match nothing; so does loading.
+    """
+    names = [n for n, _ in model.named_modules() if n]
+    kept = tuple(w for w in adapter.modules_to_save if any(_name_matches(n, w) for n in names))
+    if kept == tuple(adapter.modules_to_save):
+        return adapter
+    return dataclasses.replace(adapter, modules_to_save=kept)
+
+
+def _precheck(model: nn.Module, checkpoint: Checkpoint, adapter: SpectralAdapter) -> None:
+    """Check every unit's sizes against its layer before anything is built.
+
+    Each layer the checkpoint names must exist and be adaptable; its factors'
+    shapes ``(r, d_in)`` and ``(d_out, r)``, the budget ``k`` and the basis'
+    shape rules give the size of every coefficient tensor and location set,
+    which must be what the file holds. So a config asking for a huge ``r`` or
+    a file not made for this model fails here, with nothing allocated.
+    """
+    where = checkpoint.weights_file
+    marker = f".{UNITS_ATTR}."
+    by_layer: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in checkpoint.tensors.items():
+        if key.startswith(PEFT_PREFIX) and marker in key:
+            layer, _, rel = key[len(PEFT_PREFIX) :].partition(marker)
+            by_layer.setdefault(layer, {})[rel] = tensor
+    if not by_layer:
+        raise AdapterCheckpointError(f"{where} holds no adapter unit tensors")
+    r, sparse = adapter.r, adapter.basis is not None
+    for layer, rels in by_layer.items():
+        try:
+            module = model.get_submodule(layer)
+        except AttributeError:
+            raise AdapterCheckpointError(
+                f"{where}: module {layer!r} of the checkpoint is not in {type(model).__name__}"
+            ) from None
+        if isinstance(module, SpectralLayer):
+            d_out, d_in = module.out_features, module.in_features
+        elif is_supported_layer(module):
+            d_out, d_in = (int(s) for s in frozen_weight(module).shape)
+        else:
+            raise AdapterCheckpointError(
+                f"{where}: module {layer!r} is a {type(module).__name__}, not a layer selora adapts"
+            )
+        for fname, shape in (("lora_A", (r, d_in)), ("lora_B", (d_out, r))):
+            stem = f"{PEFT_PREFIX}{layer}{marker}{fname}"
+            k = expected_budget(adapter, shape, f"{where}: module {layer!r}, {fname}")
+            rel, want = (f"{fname}.coefficients", (k,)) if sparse else (f"{fname}.weight", shape)
+            key = f"{stem}.{rel.partition('.')[2]}"
+            found = rels.get(rel)
+            if found is None:
                 raise AdapterCheckpointError(
-                    f"{weights_file}: {key!r} holds indices out of range or repeated"
+                    f"{where}: tensor {key!r} of module {layer!r} is missing"
                 )
-        for entry in meta["modules"].values():
-            for factor in entry["factors"].values():
-                if factor["locations"] is not None and factor["locations"] not in meta["locations"]:
+            if tuple(found.shape) != tuple(want) or not found.is_floating_point():
+                raise AdapterCheckpointError(
+                    f"{where}: tensor {key!r} (module {layer!r}) is {found.dtype} "
+                    f"{tuple(found.shape)}; r={r} on this {d_out}x{d_in} layer needs a floating "
+                    f"{tuple(want)} tensor"
+                )
+            if sparse:
+                location = override_key(stem)
+                if location not in checkpoint.tensors:
+                    location = locations_key(shape, k)
+                stored = checkpoint.tensors.get(location)
+                if stored is None:
                     raise AdapterCheckpointError(
-                        f"{config_file}: unknown locations {factor['locations']!r}"
+                        f"{where}: no location set {location!r} for {fname} of module {layer!r} "
+                        f"(r={r}: a {shape[0]}x{shape[1]} factor with {k} coefficients)"
                     )
-    except AdapterCheckpointError:
-        raise
-    except (KeyError, TypeError, ValueError) as exc:
-        raise AdapterCheckpointError(f"{config_file} is malformed: {exc!r}") from None
-    return adapter, tensors, meta
+                check_location_set(stored, shape, k, f"{where}: {location!r}")
 
 
-_Snapshot = tuple[list[tuple[nn.Module, dict[str, Any], dict[int, dict[Any, Any]]]], list[Any]]
+def _refuse_merged(model: nn.Module, name: str, where: str) -> None:
+    for layer_name, layer in model.named_modules():
+        if isinstance(layer, SpectralLayer) and name in layer.merged_adapters:
+            raise AdapterCheckpointError(
+                f"{layer_name}: adapter {name!r} is merged into the frozen weight; unmerge it "
+                f"to load {where} (the merged weight would keep the old update)"
+            )
 
 
-def _snapshot(model: nn.Module) -> _Snapshot:
-    """Record every module's attributes (dict contents included) and requires_grad flags."""
-    modules = []
+def _apply(model: nn.Module, plan: LoadPlan) -> None:
+    plan.apply_locations()
+    plan.apply_copies()
     for module in model.modules():
-        attrs = dict(vars(module))
-        modules.append(
-            (module, attrs, {id(v): dict(v) for v in attrs.values() if isinstance(v, dict)})
-        )
-    return modules, [(p, p.requires_grad) for p in model.parameters()]
+        if isinstance(module, AdapterUnit):
+            module.train(module.training)  # drops the factor cache
 
 
-def _restore(snapshot: _Snapshot) -> None:
-    """Undo an injection: the same module, parameter and hook objects as before."""
-    modules, flags = snapshot
-    for module, attrs, contents in modules:
-        current = vars(module)
-        for key in [k for k in current if k not in attrs]:
-            del current[key]
-        for key, value in attrs.items():
-            current[key] = value
-            if isinstance(value, dict):
-                value.clear()
-                value.update(contents[id(value)])
-    for param, flag in flags:
-        param.requires_grad_(flag)
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike[str], name: str = "default"
+) -> nn.Module:
+    """Load a checkpoint as the adapter ``name`` of ``model``, all or nothing.
 
-
-def _plan(
-    model: nn.Module, tensors: dict[str, Tensor], meta: dict[str, Any], where: Path
-) -> tuple[list[tuple[Tensor, Tensor]], list[tuple[SparseSpectrum, Tensor]]]:
-    """Check everything and return the copies and the location replacements to make."""
-    if any(_is_wrapper(m) and getattr(m, "merged", False) is True for m in model.modules()):
-        raise AdapterCheckpointError(f"the model's adapter is merged; unmerge() it to load {where}")
-    units, saved = _units(model), meta["modules"]
-    extra = [entry["layer"] for name, entry in saved.items() if name not in units]
-    if extra:
-        raise AdapterCheckpointError(f"modules {extra[:5]} of {where} are not adapted in the model")
-    relocate: list[tuple[SparseSpectrum, Tensor]] = []
-    for name, (layer, unit) in units.items():
-        if name not in saved:
-            raise AdapterCheckpointError(f"module {layer!r} of the model is missing from {where}")
-        entry, mine = saved[name], _describe(layer, unit)
-        have, want = (mine["d_out"], mine["d_in"]), (entry["d_out"], entry["d_in"])
-        if want != have:
-            raise AdapterCheckpointError(
-                f"module {layer!r}: {where} holds an adapter for a weight of shape "
-                f"(d_out, d_in) = {want}, the model's is {have}"
-            )
-        theirs = {f: {k: i[k] for k in ("shape", "n_coeffs")} for f, i in entry["factors"].items()}
-        if theirs != mine["factors"]:
-            raise AdapterCheckpointError(
-                f"module {layer!r}: factors {theirs} in {where}, {mine['factors']} in the model"
-            )
-        for fname, factor in _factors(unit):
-            if isinstance(factor, SparseSpectrum):
-                key = entry["factors"][fname]["locations"]
-                info = meta["locations"].get(key) or {}
-                fits = info.get("shape") == list(factor.shape)
-                if not fits or info.get("n_coeffs") != factor.n_coeffs:
-                    raise AdapterCheckpointError(
-                        f"module {layer!r}: the locations {key!r} of {fname} in {where} do not fit"
-                    )
-                if not torch.equal(tensors[key].long(), factor.indices.cpu().long()):
-                    relocate.append((factor, tensors[key]))
-    wanted = _adapter_state(model, adapter_config(model))
-    present = model.state_dict(keep_vars=True)
-    keys = {k for k in tensors if not k.startswith(_LOCATIONS)}
-    missing, unknown = sorted(set(wanted) - keys), sorted(keys - set(present))
-    if missing or unknown:
-        raise AdapterCheckpointError(
-            f"{where} does not fit {type(model).__name__}: missing tensors {missing[:5]}, "
-            f"tensors the model does not have {unknown[:5]}"
-        )
-    copies = []
-    for key in sorted(keys):
-        target, source = present[key], tensors[key]
-        if target.shape != source.shape:
-            raise AdapterCheckpointError(
-                f"module {key.rpartition('.')[0]!r}: tensor {key!r} has shape "
-                f"{tuple(source.shape)} in {where} and {tuple(target.shape)} in the model"
-            )
-        copies.append((target, source))
-    return copies, relocate
-
-
-def load_adapter(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
-    """Load a checkpoint of :func:`save_adapter` into ``model``, all or nothing.
-
-    A model with no adapter gets one injected from the saved config (the new
-    tensors take the saved dtypes, torch's RNG is not advanced); one with an
-    adapter must hold the same config. Everything is checked before anything
-    changes, and on any error the model is left exactly as it was. Stored
-    locations that differ from those regenerated from ``(seed, shape, k)``
-    (another NumPy, say) replace them: the checkpoint computes what was saved.
+    Reads what :func:`save_adapter` and ``PeftModel.save_pretrained`` write. A
+    model without the adapter ``name`` gets it injected from the saved config
+    (torch's RNG is not advanced); one holding it must hold the same config.
+    The stored locations replace the generated ones, so the checkpoint
+    computes what was saved on any torch or NumPy. Tensors are copied into the
+    model's (in the model's dtype). Everything is checked first (see
+    :func:`read_checkpoint`, and the sizes, keys, dtypes, shapes and location
+    sets against the model); on any failure the model is left exactly as it
+    was (state, modules, ``requires_grad`` flags, adapters).
 
     Args:
         model: the base model the adapter was trained on, bare or adapted.
-        path: a directory written by :func:`save_adapter`.
+        path: a checkpoint directory.
+        name: the adapter's name in ``model``.
 
     Returns:
-        ``model``, adapted, with the saved tensors.
+        ``model``, holding the adapter with the saved tensors.
 
     Raises:
         FileNotFoundError: if a checkpoint file is missing.
-        AdapterCheckpointError: naming the file, if it is unreadable or its
-            basis unregistered; naming the module and both shapes, if a shape
-            differs; if the model holds another adapter or a merged one.
+        AdapterCheckpointError: naming the file, key or module, for anything
+            that does not fit; the model is unchanged.
     """
-    adapter, tensors, meta = read_adapter(path)
-    where = Path(path)
-    current = getattr(model, "selora_adapter", None)
-    if isinstance(current, SpectralAdapter):
-        recorded = None if current.basis is None else _class_path(_basis(current))
-        ours, theirs = json.loads(json.dumps(current.to_dict())), _adapter_dict(meta)
-        diff = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
-        if diff or recorded != meta.get("basis_class"):
+    checkpoint = read_checkpoint(path)
+    where = checkpoint.weights_file
+    adapter = _fit_modules_to_save(checkpoint.adapter, model)
+    registry = model.__dict__.get(ADAPTERS_ATTR)
+    existing = registry.get(name) if isinstance(registry, dict) else None
+    if existing is not None:
+        diff = [
+            f
+            for f in differing_fields(spectral_config(existing), spectral_config(adapter))
+            if f not in ("target_modules", "exclude_modules", "modules_to_save")
+        ]
+        if diff:
             raise AdapterCheckpointError(
-                f"{type(model).__name__} holds another adapter than {where} (differs in "
-                f"{diff or ['basis_class']}); unload() it or load into the base model"
+                f"{type(model).__name__} holds another adapter {name!r} than {checkpoint.path} "
+                f"(differs in {diff}); delete_adapter() it, or load under another name"
             )
-    snapshot = None if isinstance(current, SpectralAdapter) else _snapshot(model)
-    old = {id(m) for m in model.modules()} | {id(p) for p in model.parameters()}
+        _refuse_merged(model, name, str(checkpoint.path))
+        _apply(
+            model,
+            plan_load(
+                checkpoint.tensors, *_owned(model, name, existing), where, owner=f"adapter {name!r}"
+            ),
+        )
+        return model
+    if not _is_xlora(adapter):
+        _precheck(model, checkpoint, adapter)
+    snapshot = snapshot_model(model)
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
     try:
-        if snapshot is not None:
-            devices = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
-            with torch.random.fork_rng(devices=devices):
-                inject(model, adapter)
-        copies, relocate = _plan(model, tensors, meta, where)
-    except Exception:
-        if snapshot is not None:
-            _restore(snapshot)
+        with torch.random.fork_rng(devices=devices):
+            inject(model, adapter, name=name)
+        plan = plan_load(
+            checkpoint.tensors, *_owned(model, name, adapter), where, owner=f"adapter {name!r}"
+        )
+    except AdapterCheckpointError:
+        restore_model(snapshot)
         raise
-    shared: dict[tuple[int, torch.device], Tensor] = {}
-    with torch.no_grad():
-        for spectrum, indices in relocate:  # a new buffer: the old one is shared (lru_cache)
-            device = spectrum.indices.device
-            key = (id(indices), device)
-            if key not in shared:
-                shared[key] = indices.to(device, torch.int64)
-            spectrum.set_locations(shared[key])  # and recompute its scale factor
-        for target, source in copies:
-            if id(target) not in old and target.dtype != source.dtype:
-                target.data = source.to(target.device)  # a new factor takes the saved dtype
-            else:
-                target.copy_(source)
-    for module in model.modules():
-        if id(module) not in old:
-            module.training = model.training
-        if isinstance(module, AdapterUnit):
-            module.train(module.training)  # drops the factor cache
+    except (ValueError, TypeError) as exc:
+        restore_model(snapshot)
+        raise AdapterCheckpointError(
+            f"{checkpoint.config_file}: the adapter does not fit {type(model).__name__}: {exc}"
+        ) from exc
+    except BaseException:
+        restore_model(snapshot)
+        raise
+    _apply(model, plan)
     return model

@@ -1,25 +1,38 @@
-r"""The adapted layers: one adapter's factors (:class:`AdapterUnit`) and the wrapper.
+r"""THE adapted layer: one frozen base layer and any number of named adapter units.
 
-A :class:`SpectralLayer` replaces a frozen ``nn.Linear`` (or Hugging Face's
-``Conv1D``, whose weight is stored transposed) and routes its output through
-the base of adaptation of one :class:`AdapterUnit`. The unit is a separate
-module so that integrations holding several named adapters per layer (the
-PEFT bridge, X-LoRA's experts) reuse it unchanged.
+:class:`SpectralLayer` replaces a frozen ``nn.Linear`` (or Hugging Face's
+``Conv1D``, whose weight is stored transposed). It holds one
+:class:`~selora.adapters.unit.AdapterUnit` per adapter name in the
+``nn.ModuleDict`` ``selora_units`` and carries PEFT's tuner-layer semantics
+(active adapters, enable / disable, merge / unmerge / safe merge, delete, mixed
+batches), written once: :func:`selora.inject`, the PEFT bridge (whose
+``SeloraLinear`` is this class plus PEFT's marker mixin) and X-LoRA use it.
+
+The output with active adapters :math:`i` is the frozen output plus each
+adapter's update, all computed against :math:`W_0`:
+
+.. math::
+
+    y = W_0 x + b + \sum_i \big(f_i(x) - (W_0 x + b)\big),
+
+with :math:`f_i` the output of adapter :math:`i`'s base of adaptation alone.
+Merging writes :math:`W = W_0 + \sum_i (W_0 \odot S_i + C_i)` with each base's
+update :math:`(S_i, C_i)` (:meth:`~selora.AdaptationBase.update`), the same sum,
+so merged and unmerged outputs agree for any mix of LoRA, DoRA and HiRA.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from selora.adapters.config import SpectralAdapter
-from selora.adapters.factor_cache import CacheEntry, cache_key, unchanged
-from selora.adapters.factors import DenseFactor, Factor, make_factor
+from selora.adapters.factors import DenseFactor
 from selora.adapters.layer_types import (
     compute_dtype,
     frozen_weight,
@@ -27,9 +40,12 @@ from selora.adapters.layer_types import (
     is_supported_layer,
     quantized_layer_error,
 )
-from selora.adapters.registry import AdaptationBase, get_adapter_base
+from selora.adapters.registry import Update
+from selora.adapters.routing import BASE_NAME, current_routing
+from selora.adapters.unit import AdapterUnit
 
 __all__ = [
+    "UNITS_ATTR",
     "AdapterUnit",
     "DenseFactor",
     "SpectralLayer",
@@ -39,227 +55,482 @@ __all__ = [
     "is_supported_layer",
 ]
 
-
-class _Unmerge(nn.Module):
-    """Calls the base's ``unmerged_weight`` so that ``functional_call`` can swap tensors in."""
-
-    def __init__(self, unit: AdapterUnit) -> None:
-        super().__init__()
-        self.unit = unit
-
-    def forward(self, weight: Tensor) -> Tensor:
-        restored: Tensor = self.unit.base.unmerged_weight(self.unit, weight)
-        return restored
+UNITS_ATTR = "selora_units"
+"""The per-adapter ``nn.ModuleDict``; keys read ``<layer>.selora_units.<adapter>.<tensor>``."""
 
 
-class AdapterUnit(nn.Module):
-    r"""One adapter on one layer: :math:`\tilde A` ``(r, d_in)``, :math:`\tilde B` ``(d_out, r)``.
+def _refuse_load_while_merged(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any
+) -> None:
+    """``load_state_dict`` pre-hook: refuse the tensors of a merged adapter."""
+    merged = getattr(module, "merged_adapters", None) or []
+    prefixes = tuple(f"{prefix}{UNITS_ATTR}.{name}." for name in merged)
+    keys = [k for k in state_dict if prefixes and k.startswith(prefixes)]
+    if keys:
+        name = getattr(module, "name", "") or prefix.rstrip(".") or "this layer"
+        raise RuntimeError(
+            f"{name}: cannot load {keys[0]!r} while its adapter is merged into the frozen "
+            "weight (the merged weight would keep the old update); unmerge first, load, "
+            "then merge again"
+        )
 
-    :math:`\tilde A` is calibrated and :math:`\tilde B` starts at zero, so an
-    adapted model equals its base model at init. The parameters are float32
-    (float64 when :math:`W_0` is float64, see :func:`compute_dtype`), whatever
-    the layer's compute dtype.
 
-    Under ``eval()`` and ``torch.no_grad()`` (unmerged inference, generation)
-    the factors are formed once and cached. The cache keeps a copy of every
-    parameter the factors are formed from (the coefficients, or a custom
-    factor's parameters) and is used only while each parameter still equals
-    its copy (same device, dtype, shape and bytes: :math:`O(k)` per call, far
-    cheaper than a transform), with the same factor modules, bases and scales,
-    and the same buffers (the locations: same tensor, same version counter).
-    So the output follows the parameters whatever changed them: an optimizer
-    step, ``load_state_dict``, ``p.data = ...`` or ``p.data.mul_``,
-    ``vector_to_parameters``, an EMA swap. Locations are followed when
-    replaced (``set_locations``, a checkpoint, ``to``) or changed in place
-    (``copy_``); a write into a location buffer through ``.data``, which
-    nothing in torch or selora does (they are neither trainable nor in the
-    state dict), is not seen: comparing the int64 locations by value at every
-    token would triple the bytes each check reads. Dense factors
-    (``basis=None``) are never cached (they are the parameters). The cache is
-    safe to share between threads: an entry is published by one assignment
-    and read once.
+def _sum_updates(updates: Sequence[Update]) -> Update:
+    scale: Tensor | None = None
+    shift: Tensor | None = None
+    for s, c in updates:
+        if s is not None:
+            scale = s if scale is None else scale + s
+        if c is not None:
+            shift = c if shift is None else shift + c
+    return scale, shift
+
+
+def _apply(weight0: Tensor, update: Update) -> Tensor:
+    r"""Return :math:`W_0 \odot S + C` (zero if both are ``None``)."""
+    scale, shift = update
+    out = torch.zeros_like(weight0) if shift is None else shift.to(weight0.dtype)
+    return out if scale is None else out + weight0 * scale.to(weight0.dtype)
+
+
+def _invert(weight: Tensor, update: Update, where: str) -> Tensor:
+    r"""Return :math:`W_0 = (W - C) / (1 + S)` (see :meth:`~selora.AdaptationBase.update`)."""
+    scale, shift = update
+    rest = weight if shift is None else weight - shift.to(weight.dtype)
+    if scale is None:
+        return rest
+    denominator = 1 + scale.to(weight.dtype)
+    zero = denominator == 0
+    if bool(zero.any()):
+        # A per-row scale of -1 maps a whole row to C; with the row of W - C at zero
+        # (DoRA's m_i = 0 on an all-zero row of W0) zero is the exact W0. Anywhere else
+        # the merge lost W0 for good.
+        lost = zero & (rest != 0) if scale.shape[-1] == 1 else zero
+        if bool(lost.any()):
+            raise RuntimeError(
+                f"{where}: cannot unmerge: the merge multiplied {int(lost.sum())} entries of "
+                "W0 by 1 + S = 0 (HiRA: 1 + B A has a zero entry), so W0 is lost there"
+            )
+        denominator = torch.where(zero, torch.ones_like(denominator), denominator)
+    return rest / denominator
+
+
+class SpectralLayer(nn.Module):
+    r"""A frozen ``nn.Linear`` / ``Conv1D`` carrying any number of named spectral adapters.
+
+    ``forward(x)`` is the frozen output plus the update of each active adapter
+    (see the module docstring), or just ``base_layer(x)`` while merged or
+    disabled. With ``adapter_names`` (a mixed batch, see
+    :mod:`selora.adapters.routing`) row ``i`` gets adapter ``adapter_names[i]``.
 
     Args:
-        adapter: the adapter description.
-        in_features: :math:`d_{in}`.
-        out_features: :math:`d_{out}`.
-        weight0: the frozen weight ``(d_out, d_in)`` (its device places the
-            factors; bases such as DoRA read it at set-up).
-        name: the unit's name in its model, for messages.
+        base_layer: the layer to adapt (its parameters are frozen).
+        adapter: the first adapter, or ``None`` for none yet.
+        name: the module's name in its model, for error messages.
+        adapter_name: the first adapter's name.
 
     Attributes:
-        finite_checks: if ``True``, every forward checks the unit's parameters
-            and factors for NaN / inf and raises ``ValueError`` (see
-            :func:`selora.set_finite_checks`). Off by default.
+        selora_units: adapter name -> :class:`AdapterUnit`.
+        merged_adapters: the adapters folded into the frozen weight, in order.
 
     Raises:
-        ValueError: if the budget does not fit a factor's shape.
-
-    Warns:
-        UserWarning: if :math:`r > \min(d_{in}, d_{out})`, naming the sizes and
-            the trainable parameter count against the layer's weight count: the
-            update's rank cannot exceed :math:`\min(d_{in}, d_{out})`.
+        TypeError: if ``base_layer`` is not a supported layer type, or quantized.
+        ValueError: if the adapter's budget does not fit this layer.
     """
 
     def __init__(
         self,
-        adapter: SpectralAdapter,
-        in_features: int,
-        out_features: int,
-        weight0: Tensor,
+        base_layer: nn.Module,
+        adapter: SpectralAdapter | None = None,
         *,
         name: str = "",
+        adapter_name: str = "default",
     ) -> None:
         super().__init__()
-        self.adapter = adapter
+        self._hold_base_layer(base_layer, name)
+        if adapter is not None:
+            self.add_adapter(adapter_name, adapter)
+            self.set_adapter(adapter_name)
+
+    def _hold_base_layer(self, base_layer: nn.Module, name: str) -> Tensor:
+        """Check, freeze and keep ``base_layer``; set sizes and flags; return :math:`W_0`."""
+        if is_quantized_layer(base_layer):
+            raise quantized_layer_error(base_layer, name)
+        if not is_supported_layer(base_layer):
+            raise TypeError(
+                f"selora adapts nn.Linear and transformers' Conv1D; {name or 'the module'} "
+                f"is a {type(base_layer).__name__}"
+            )
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        weight0 = frozen_weight(base_layer)
+        self.out_features, self.in_features = int(weight0.shape[0]), int(weight0.shape[1])
         self.name = name
-        self.finite_checks = False
-        self.base: AdaptationBase = get_adapter_base(adapter.base)()
-        self.scaling = adapter.scaling
-        device = weight0.device
-        dtype = compute_dtype(weight0.dtype)
-        self.lora_A: Factor = make_factor(
-            (adapter.r, in_features), adapter, device=device, dtype=dtype
+        self.selora_units = nn.ModuleDict()
+        # Instance attributes: PEFT's BaseTunerLayer declares these at class level (shared).
+        self._active_adapter: str | list[str] = []
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        # The private form takes the module too on torch 2.4 (the public one is 2.5+).
+        self._register_load_state_dict_pre_hook(  # type: ignore[no-untyped-call]
+            _refuse_load_while_merged, with_module=True
         )
-        self.lora_B: Factor = make_factor(
-            (out_features, adapter.r), adapter, device=device, dtype=dtype, init="zero"
-        )
-        self.dropout: nn.Module = nn.Dropout(adapter.dropout) if adapter.dropout else nn.Identity()
-        self._cache: CacheEntry | None = None
-        self._merged_state: dict[str, Tensor] | None = None
-        self.base.setup(self, weight0)
-        if adapter.r > min(in_features, out_features):
-            trainable = sum(p.numel() for p in self.parameters())
-            warnings.warn(
-                f"r={adapter.r} exceeds min(d_in={in_features}, d_out={out_features}) = "
-                f"{min(in_features, out_features)}, the largest rank an update of this layer "
-                f"can have: the adapter has {trainable:,} trainable parameters for the "
-                f"layer's {in_features * out_features:,} weights",
-                UserWarning,
-                stacklevel=2,
-            )
+        return weight0
 
-    def train(self, mode: bool = True) -> AdapterUnit:
-        """Switch mode and drop the factor cache."""
-        self._cache = None
-        return super().train(mode)
+    # ------------------------------------------------------------------ adapters
 
-    def factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        r"""Return :math:`(\tilde A, \tilde B)` in ``dtype`` (transforms run in float32).
+    def get_base_layer(self) -> nn.Module:
+        """Return the wrapped frozen layer (PEFT's name)."""
+        base = self.base_layer
+        assert isinstance(base, nn.Module)
+        return base
 
-        Args:
-            dtype: the layer's compute dtype.
+    @property
+    def weight(self) -> Tensor:
+        """The wrapped layer's weight (as stored), so code reading ``.weight`` still works."""
+        weight = self.base_layer.weight
+        assert isinstance(weight, Tensor)
+        return weight
 
-        Returns:
-            ``(A, B)`` with shapes ``(r, d_in)`` and ``(d_out, r)``.
-        """
-        # Straight from the dict: nn.Module.__getattr__ costs a microsecond a call, per token.
-        modules = self._modules
-        factor_a: Factor = modules["lora_A"]  # type: ignore[assignment]
-        factor_b: Factor = modules["lora_B"]  # type: ignore[assignment]
-        if (
-            self.training
-            or torch.is_grad_enabled()
-            or self.finite_checks
-            or (isinstance(factor_a, DenseFactor) and isinstance(factor_b, DenseFactor))
-        ):
-            a, b = factor_a(dtype), factor_b(dtype)
-            if self.finite_checks:
-                self._check_finite(a, b)
-            return a, b
-        params, buffers, key = cache_key(dtype, factor_a, factor_b)
-        entry = self._cache  # read once: another thread may publish a new entry meanwhile
-        if entry is not None and entry[0] == key and unchanged(params, entry[2]):
-            return entry[3], entry[4]
-        # Copy before forming: if a parameter changes meanwhile, the next call sees it.
-        copies = tuple(p.detach().clone(memory_format=torch.contiguous_format) for p in params)
-        a, b = factor_a(dtype), factor_b(dtype)
-        if not any(t.is_meta for t in (*params, *buffers)):
-            # Published whole, in one assignment; the buffers are held so that their ids
-            # in the key cannot be reused by new tensors.
-            self._cache = (key, tuple(buffers), copies, a, b)
-        return a, b
+    @property
+    def bias(self) -> Tensor | None:
+        """The wrapped layer's bias."""
+        bias = getattr(self.base_layer, "bias", None)
+        return bias if isinstance(bias, Tensor) else None
 
-    def nonfinite(self) -> list[str]:
-        """Name the unit's floating-point parameters and buffers holding NaN or inf.
+    @property
+    def active_adapters(self) -> list[str]:
+        """The active adapters, in order."""
+        active = self._active_adapter
+        return [active] if isinstance(active, str) else list(active)
 
-        Returns:
-            Their names relative to the unit (``"lora_B.coefficients"``), in order.
-        """
-        tensors = [*self.named_parameters(), *self.named_buffers()]
-        return [
-            name
-            for name, t in tensors
-            if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())
-        ]
+    @property
+    def active_adapter(self) -> str | list[str]:
+        """The active adapter (a list when several are active), as PEFT's layers give it."""
+        return self._active_adapter
 
-    def _check_finite(self, a: Tensor, b: Tensor) -> None:
-        where = self.name or "adapter"
-        bad = self.nonfinite()
-        if bad:
-            raise ValueError(
-                f"{where}: {where}.{bad[0]} holds NaN or inf ({len(bad)} non-finite "
-                "tensor(s); selora.set_finite_checks is on)"
-            )
-        for label, factor in (("A", a), ("B", b)):
-            if not bool(torch.isfinite(factor).all()):
-                raise ValueError(
-                    f"{where}: the factor {label} formed from finite coefficients holds NaN "
-                    "or inf (an overflow; selora.set_finite_checks is on)"
-                )
+    @property
+    def merged(self) -> bool:
+        """Whether any adapter is merged into the frozen weight."""
+        return bool(self.merged_adapters)
 
-    def merged(self, weight: Tensor, *, safe: bool = False, where: str = "") -> Tensor:
-        r"""Return the merged weight for the stored weight ``weight``, in its dtype.
+    @property
+    def disable_adapters(self) -> bool:
+        """Whether the adapters are disabled (the layer computes its base output)."""
+        return self._disable_adapters
 
-        The base of adaptation's :meth:`~AdaptationBase.merged_weight` runs in
-        the compute dtype (:func:`compute_dtype`). Nothing is written.
+    @property
+    def disabled(self) -> bool:
+        """Alias of :attr:`disable_adapters`."""
+        return self._disable_adapters
 
-        With ``safe``, three checks run first and raise ``ValueError`` naming
-        ``where``: every parameter and buffer of the unit is finite
-        (:meth:`nonfinite`); the merged weight is finite in ``weight``'s dtype;
-        and unmerging it would restore :math:`W_0`:
-        :math:`\max|W_0' - W_0| \le \sqrt{\epsilon}\,\max|W_0|`, with
-        :math:`W_0'` the round trip and :math:`\epsilon` the machine epsilon of
-        ``weight``'s dtype (float32: :math:`3.5 \cdot 10^{-4}` of the largest
-        entry, bfloat16: :math:`0.088`). An update so large that merging rounds
-        :math:`W_0` away (:math:`W_0 + 10^{30} = 10^{30}` in float32) fails the
-        last check though every number is finite.
+    @disabled.setter
+    def disabled(self, value: bool) -> None:
+        self._disable_adapters = bool(value)
 
-        Args:
-            weight: the stored :math:`W_0` as ``(d_out, d_in)``.
-            safe: run the checks.
-            where: the layer's name for messages.
-
-        Returns:
-            The merged weight, ``weight``'s dtype and shape.
+    @property
+    def adapter(self) -> AdapterUnit:
+        """The unit of the only adapter of this layer (a shortcut for one-adapter models).
 
         Raises:
-            RuntimeError: if the base of adaptation cannot be merged.
+            AttributeError: if the layer holds no adapter or several.
+        """
+        units = list(self.selora_units.values())
+        if len(units) != 1:
+            raise AttributeError(
+                f"{self.name or 'this layer'} holds {len(units)} adapters "
+                f"({list(self.selora_units)}); use .unit(name)"
+            )
+        unit = units[0]
+        assert isinstance(unit, AdapterUnit)
+        return unit
+
+    def unit(self, adapter_name: str) -> AdapterUnit:
+        """Return the :class:`AdapterUnit` of ``adapter_name``.
+
+        Args:
+            adapter_name: an adapter of this layer.
+
+        Returns:
+            The unit.
+
+        Raises:
+            KeyError: naming the adapters the layer holds.
+        """
+        if adapter_name not in self.selora_units:
+            raise KeyError(
+                f"{self.name or 'this layer'} holds no adapter {adapter_name!r} "
+                f"(it holds {list(self.selora_units)})"
+            )
+        unit = self.selora_units[adapter_name]
+        assert isinstance(unit, AdapterUnit)
+        return unit
+
+    def make_unit(self, adapter_name: str, adapter: SpectralAdapter) -> AdapterUnit:
+        """Build (without adding) the unit ``adapter_name`` would get on this layer.
+
+        Args:
+            adapter_name: the adapter's name.
+            adapter: the adapter description.
+
+        Returns:
+            The unit, on the frozen weight's device.
+
+        Raises:
+            ValueError: if the budget does not fit this layer's shape.
+        """
+        weight0 = frozen_weight(self.get_base_layer())
+        where = f"{self.name}.{UNITS_ATTR}.{adapter_name}" if self.name else adapter_name
+        unit = AdapterUnit(adapter, self.in_features, self.out_features, weight0, name=where)
+        return unit.train(self.training)
+
+    def add_adapter(
+        self, adapter_name: str, adapter: SpectralAdapter, unit: AdapterUnit | None = None
+    ) -> None:
+        """Add (or replace) the adapter ``adapter_name``; the active set is unchanged.
+
+        Args:
+            adapter_name: the adapter's name.
+            adapter: its description.
+            unit: a unit built by :meth:`make_unit` (built here if ``None``).
+
+        Raises:
+            ValueError: if the budget does not fit this layer, or the name is taken
+                by a merged adapter.
+        """
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"{self.name}: adapter {adapter_name!r} is merged; unmerge it first")
+        self.selora_units[adapter_name] = unit or self.make_unit(adapter_name, adapter)
+
+    def update_layer(self, adapter_name: str, config: Any) -> None:
+        """Add the adapter ``adapter_name`` described by a PEFT ``SeloraConfig``.
+
+        Args:
+            adapter_name: the adapter's name.
+            config: its :class:`~selora.integrations.peft.SeloraConfig`.
+        """
+        self.add_adapter(adapter_name, config.to_spectral_adapter())
+        self.set_adapter(self.active_adapters, inference_mode=bool(config.inference_mode))
+
+    def set_adapter(self, adapter_names: str | Sequence[str], inference_mode: bool = False) -> None:
+        """Make ``adapter_names`` the active adapters; only they are trainable.
+
+        PEFT's rule: the active adapters' parameters require gradients (unless
+        ``inference_mode``), every other adapter's are frozen.
+
+        Args:
+            adapter_names: a name or a list of names.
+            inference_mode: freeze the active adapters too.
+        """
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for key, unit in self.selora_units.items():
+            unit.requires_grad_(key in names and not inference_mode)
+        self._active_adapter = names[0] if len(names) == 1 else names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Enable (``True``) or disable the adapters, as PEFT's ``enable_adapters``.
+
+        Disabled adapters contribute nothing and their parameters are frozen.
+
+        Args:
+            enabled: the new state.
+        """
+        if enabled:
+            self.set_adapter(self.active_adapters)
+            self._disable_adapters = False
+        else:
+            self.selora_units.requires_grad_(False)
+            self._disable_adapters = True
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove the adapter ``adapter_name`` (PEFT's rules for the active set).
+
+        If it was active, the other active adapters stay active; if none is
+        left, the first remaining adapter becomes active (with a warning).
+
+        Args:
+            adapter_name: an adapter of this layer.
+
+        Raises:
+            RuntimeError: if the adapter is merged (unmerge first).
+        """
+        if adapter_name in self.merged_adapters:
+            raise RuntimeError(
+                f"{self.name or 'this layer'}: adapter {adapter_name!r} is merged into the "
+                "frozen weight; unmerge it before deleting it"
+            )
+        if adapter_name in self.selora_units:
+            del self.selora_units[adapter_name]
+        if adapter_name not in self.active_adapters:
+            return
+        active = [n for n in self.active_adapters if n != adapter_name]
+        remaining = list(self.selora_units)
+        if active or not remaining:
+            self.set_adapter(active)
+            return
+        warnings.warn(
+            f"adapter {adapter_name!r} was active and is deleted; {remaining[0]!r} is "
+            "now the active adapter",
+            UserWarning,
+            stacklevel=2,
+        )
+        self.set_adapter(remaining[0])
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """Return the adapted output (the frozen output when merged or disabled).
+
+        Args:
+            x: the layer input ``(..., d_in)``.
+            *args: passed to the wrapped layer.
+            **kwargs: passed to the wrapped layer; ``adapter_names`` (one name
+                per row) makes it a mixed batch, as in PEFT.
+
+        Returns:
+            ``(..., d_out)``.
+
+        Raises:
+            ValueError: for a mixed batch while merged or in training mode, or
+                whose names do not match the batch size.
+        """
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            adapter_names = current_routing()
+        base_layer = self._modules["base_layer"]  # the dict: __getattr__ costs, per token
+        assert base_layer is not None
+        if self._disable_adapters:
+            if self.merged_adapters:
+                self.unmerge()
+            out: Tensor = base_layer(x, *args, **kwargs)
+            return out
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, list(adapter_names), *args, **kwargs)
+        base_out: Tensor = base_layer(x, *args, **kwargs)
+        if self.merged_adapters:
+            return base_out
+        units = self.selora_units._modules
+        active = self._active_adapter
+        names = [active] if isinstance(active, str) else active
+        weight0 = frozen_weight(base_layer)
+        bias = getattr(base_layer, "bias", None)
+        out = base_out
+        for name in names:
+            unit = units.get(name)
+            if unit is None:
+                continue
+            if out is base_out:
+                out = unit(x, base_out, weight0, bias)
+            else:
+                out = out + (unit(x, base_out, weight0, bias) - base_out)
+        return out
+
+    def _mixed_batch_forward(
+        self, x: Tensor, adapter_names: list[str], *args: Any, **kwargs: Any
+    ) -> Tensor:
+        where = self.name or "this layer"
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        if self.merged_adapters:
+            raise ValueError(
+                f"{where}: Cannot pass `adapter_names` when there are merged adapters, please "
+                "call `unmerge` first."
+            )
+        if x.ndim == 0 or len(adapter_names) != x.shape[0]:
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {x.shape[0] if x.ndim else 0} respectively."
+            )
+        base_layer = self.get_base_layer()
+        base_out: Tensor = base_layer(x, *args, **kwargs)
+        weight0 = frozen_weight(base_layer)
+        bias = getattr(base_layer, "bias", None)
+        out = base_out.clone()
+        for name in dict.fromkeys(adapter_names):
+            if name == BASE_NAME or name not in self.selora_units:
+                continue
+            rows = torch.tensor(
+                [i for i, n in enumerate(adapter_names) if n == name], device=x.device
+            )
+            unit = self.unit(name)
+            out[rows] = unit(x[rows], base_out[rows], weight0, bias).to(out.dtype)
+        return out
+
+    # ------------------------------------------------------------------ merging
+
+    def _names_to_merge(self, adapter_names: Sequence[str] | None) -> list[str]:
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        unknown = [n for n in names if n not in self.selora_units]
+        if adapter_names is not None and unknown and len(unknown) == len(names):
+            return []  # PEFT: an adapter that does not target this layer is skipped
+        return [n for n in names if n in self.selora_units and n not in self.merged_adapters]
+
+    def _current_weight0(self, weight: Tensor) -> Tensor:
+        """Return :math:`W_0` in the compute dtype from the stored (maybe merged) weight."""
+        stored = weight.to(compute_dtype(weight.dtype))
+        if not self.merged_adapters:
+            return stored
+        merged = [self.unit(n).merged_update() for n in self.merged_adapters]
+        return _invert(stored, _sum_updates(merged), self.name or "this layer")
+
+    def merged_weight(
+        self, adapter_names: Sequence[str] | None = None, *, safe: bool = False
+    ) -> Tensor:
+        r"""Return the stored weight with ``adapter_names`` merged too; nothing is written.
+
+        The new update is computed against :math:`W_0` (recovered first if
+        adapters are merged already) in the compute dtype, and the result cast
+        to the weight's dtype. With ``safe``, three checks raise ``ValueError``
+        naming the layer: every parameter and buffer of the units is finite;
+        the merged weight is finite in the weight's dtype; and unmerging it
+        would restore :math:`W_0`:
+        :math:`\max|W_0' - W_0| \le \sqrt{\epsilon}\,\max|W_0|`, with
+        :math:`W_0'` the round trip and :math:`\epsilon` the machine epsilon of
+        the weight's dtype (float32: :math:`3.5 \cdot 10^{-4}` of the largest
+        entry). An update so large that merging rounds :math:`W_0` away
+        (:math:`W_0 + 10^{30} = 10^{30}` in float32) fails the last check though
+        every number is finite.
+
+        Args:
+            adapter_names: the adapters to merge; the active ones if ``None``.
+            safe: run the checks.
+
+        Returns:
+            The merged weight, the stored weight's dtype and shape.
+
+        Raises:
+            RuntimeError: if a base of adaptation cannot be merged.
             ValueError: with ``safe``, if a check fails.
         """
-        where = where or self.name or "this layer"
-        if not self.base.mergeable:
-            raise RuntimeError(f"{where}: base {self.adapter.base!r} cannot be merged")
+        where = self.name or "this layer"
+        names = self._names_to_merge(adapter_names)
+        weight = frozen_weight(self.get_base_layer())
         if safe:
-            bad = self.nonfinite()
-            if bad:
-                raise ValueError(
-                    f"{where}: adapter tensor {bad[0]!r} holds NaN or inf; nothing was merged"
-                )
-        cdtype = compute_dtype(weight.dtype)
-        weight0 = weight.to(cdtype)
-        merged = self.base.merged_weight(self, weight0).to(weight.dtype)
+            for name in names:
+                bad = self.unit(name).nonfinite()
+                if bad:
+                    raise ValueError(
+                        f"{where}: adapter {name!r} tensor {bad[0]!r} holds NaN or inf; "
+                        "nothing was merged"
+                    )
+        weight0 = self._current_weight0(weight)
+        update = _sum_updates([self.unit(n).update(weight0) for n in names])
+        stored = weight.to(weight0.dtype)
+        merged = (stored + _apply(weight0, update)).to(weight.dtype)
         if safe:
-            self._check_round_trip(weight0, merged, where)
+            every = [self.unit(n).merged_update() for n in self.merged_adapters]
+            self._check_round_trip(weight0, merged, _sum_updates([*every, update]), where)
         return merged
 
-    def _check_round_trip(self, weight0: Tensor, merged: Tensor, where: str) -> None:
+    @staticmethod
+    def _check_round_trip(weight0: Tensor, merged: Tensor, update: Update, where: str) -> None:
         if not bool(torch.isfinite(merged).all()):
             raise ValueError(
                 f"{where}: the merged weight holds NaN or inf in {merged.dtype}; nothing was merged"
             )
         try:
-            restored = self.base.unmerged_weight(self, merged.to(weight0.dtype))
+            restored = _invert(merged.to(weight0.dtype), update, where)
         except RuntimeError as exc:
             raise ValueError(
                 f"{where}: merging could not be undone ({exc}); nothing was merged"
@@ -277,206 +548,71 @@ class AdapterUnit(nn.Module):
                 "merge reversibly; nothing was merged"
             )
 
-    def record_merge(self) -> None:
-        """Remember the tensors just merged, so that :meth:`unmerged` undoes exactly that.
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
+        """Fold adapters into the frozen weight (the active ones if ``adapter_names`` is None).
 
-        A copy of every parameter and buffer (:math:`O(k)`); it is dropped by
-        :meth:`unmerged`.
-        """
-        self._merged_state = {
-            name: t.detach().clone()
-            for name, t in [*self.named_parameters(), *self.named_buffers()]
-        }
-
-    def unmerged(self, weight: Tensor) -> Tensor:
-        r"""Return :math:`W_0` from the merged weight ``weight``, in its dtype.
-
-        The update undone is the one recorded by :meth:`record_merge`: if the
-        adapter changed while merged (an optimizer step, ``p.data``), the
-        recorded tensors are used instead of the current ones, so that the
-        frozen weight is not shifted by the difference.
+        Unchecked by default, as PEFT; ``safe_merge`` runs the checks of
+        :meth:`merged_weight` first and writes nothing if one fails. Adapters
+        merged already are skipped.
 
         Args:
-            weight: the stored merged weight as ``(d_out, d_in)``.
+            safe_merge: check before writing.
+            adapter_names: the adapters to merge.
 
-        Returns:
-            The restored weight, ``weight``'s dtype and shape.
+        Raises:
+            RuntimeError: if a base of adaptation cannot be merged.
+            ValueError: with ``safe_merge``, if a check fails.
         """
-        state, self._merged_state = self._merged_state, None
-        current = dict([*self.named_parameters(), *self.named_buffers()])
-        merged = weight.to(compute_dtype(weight.dtype))
-        if (
-            state is None
-            or state.keys() != current.keys()
-            or unchanged(list(current.values()), tuple(state[name] for name in current))
-        ):
-            restored: Tensor = self.base.unmerged_weight(self, merged)
-        else:
-            restored = functional_call(
-                _Unmerge(self), {f"unit.{name}": t for name, t in state.items()}, (merged,)
-            )
-        return restored.to(weight.dtype)
+        names = self._names_to_merge(adapter_names)
+        if not names:
+            return
+        merged = self.merged_weight(names, safe=safe_merge)
+        frozen_weight(self.get_base_layer()).copy_(merged)
+        for name in names:
+            self.unit(name).record_merge()
+            self.merged_adapters.append(name)
 
-    def forward(self, x: Tensor, base_out: Tensor, weight0: Tensor, bias: Tensor | None) -> Tensor:
-        """Apply the base of adaptation to the frozen layer's output.
+    @torch.no_grad()
+    def check_merge(self, adapter_names: Sequence[str] | None = None) -> None:
+        """Run the checks of ``merge(safe_merge=True)`` without writing anything.
 
         Args:
-            x: layer input ``(..., d_in)``.
-            base_out: frozen output ``(..., d_out)``.
-            weight0: ``(d_out, d_in)``.
-            bias: the frozen bias or ``None``.
-
-        Returns:
-            The adapted output.
-        """
-        out: Tensor = self.base.forward(self, x, base_out, weight0, bias)
-        return out
-
-    def extra_repr(self) -> str:
-        """Name the base of adaptation and the scale."""
-        return f"base={self.adapter.base!r}, scaling={self.scaling:g}"
-
-
-def _refuse_load_while_merged(
-    module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any
-) -> None:
-    """``load_state_dict`` pre-hook: refuse adapter tensors while the layer is merged."""
-    if not getattr(module, "merged", False):
-        return
-    frozen = prefix + "base_layer."
-    keys = [k for k in state_dict if k.startswith(prefix) and not k.startswith(frozen)]
-    if keys:
-        name = getattr(module, "name", "") or prefix.rstrip(".") or "this layer"
-        raise RuntimeError(
-            f"{name}: cannot load {keys[0]!r} while the adapter is merged into the frozen "
-            "weight (the merged weight would keep the old update); unmerge() first, load, "
-            "then merge() again"
-        )
-
-
-class SpectralLayer(nn.Module):
-    r"""A frozen ``nn.Linear`` / ``Conv1D`` with one spectral adapter.
-
-    ``forward(x)`` is the base of adaptation applied to ``base_layer(x)``
-    (for ``lora``: :math:`W_0 x + b + \tfrac{\alpha}{r}\tilde B \tilde A x`), or just
-    ``base_layer(x)`` once merged or while the adapter is disabled.
-
-    Args:
-        base_layer: the layer to adapt (its parameters are frozen).
-        adapter: the adapter description.
-        name: the module's name in its model, for error messages.
-
-    Raises:
-        TypeError: if ``base_layer`` is not a supported layer type.
-    """
-
-    def __init__(self, base_layer: nn.Module, adapter: SpectralAdapter, *, name: str = "") -> None:
-        super().__init__()
-        weight0 = self._hold_base_layer(base_layer, name)
-        self.adapter = AdapterUnit(
-            adapter, self.in_features, self.out_features, weight0, name=f"{name}.adapter"
-        )
-
-    def _hold_base_layer(self, base_layer: nn.Module, name: str) -> Tensor:
-        """Check, freeze and keep ``base_layer``; set sizes and flags; return :math:`W_0`.
-
-        Wrappers with another set of adapter units (X-LoRA's experts) share it.
-        """
-        if is_quantized_layer(base_layer):
-            raise quantized_layer_error(base_layer, name)
-        if not is_supported_layer(base_layer):
-            raise TypeError(
-                f"selora adapts nn.Linear and transformers' Conv1D; {name or 'the module'} "
-                f"is a {type(base_layer).__name__}"
-            )
-        self.base_layer = base_layer
-        for p in base_layer.parameters():
-            p.requires_grad_(False)
-        weight0 = frozen_weight(base_layer)
-        self.out_features, self.in_features = int(weight0.shape[0]), int(weight0.shape[1])
-        self.name = name
-        self.merged = False
-        self.disabled = False
-        # The private form takes the module too on torch 2.4 (the public one is 2.5+).
-        self._register_load_state_dict_pre_hook(  # type: ignore[no-untyped-call]
-            _refuse_load_while_merged, with_module=True
-        )
-        return weight0
-
-    @property
-    def weight(self) -> Tensor:
-        """The wrapped layer's weight (as stored), so code reading ``.weight`` still works."""
-        weight = self.base_layer.weight
-        assert isinstance(weight, Tensor)
-        return weight
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Return the adapted output (the base output when merged or disabled)."""
-        base_layer = self._modules["base_layer"]  # the dict: __getattr__ costs, per token
-        assert base_layer is not None
-        base_out: Tensor = base_layer(x)
-        if self.merged or self.disabled:
-            return base_out
-        bias = getattr(base_layer, "bias", None)
-        out: Tensor = self.adapter(x, base_out, frozen_weight(base_layer), bias)
-        return out
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the update into the wrapped layer's weight (no-op if merged).
-
-        Unchecked, as PEFT's default; :meth:`check_merge` first (or
-        ``selora.merge(model, safe=True)``) refuses a merge that would destroy
-        the frozen weight.
+            adapter_names: the adapters to check; the active ones if ``None``.
 
         Raises:
-            RuntimeError: if the base of adaptation cannot be merged.
+            RuntimeError: if a base of adaptation cannot be merged.
+            ValueError: if a check fails.
         """
-        if self.merged:
-            return
-        weight0 = frozen_weight(self.base_layer)
-        merged = self.adapter.merged(weight0, where=self.name)
-        weight0.copy_(merged)
-        self.adapter.record_merge()
-        self.merged = True
-
-    @torch.no_grad()
-    def check_merge(self) -> None:
-        """Check that :meth:`merge` is safe, writing nothing (no-op if merged).
-
-        The checks of :meth:`AdapterUnit.merged` with ``safe=True``: finite
-        adapter tensors, a finite merged weight, and a merge that unmerge can
-        undo.
-
-        Raises:
-            RuntimeError: if the layer cannot be merged (X-LoRA).
-            ValueError: if a check fails (naming the layer).
-        """
-        if self.merged:
-            return
-        if not getattr(self, "mergeable", True):
-            self.merge()  # raises, saying why
-        self.adapter.merged(frozen_weight(self.base_layer), safe=True, where=self.name)
+        self.merged_weight(adapter_names, safe=True)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore :math:`W_0` from the merged weight (no-op if not merged).
+        r"""Restore :math:`W_0` from the merged weight (no-op if nothing is merged).
 
-        The update subtracted is the one merged, even if the adapter changed
-        since (:meth:`AdapterUnit.unmerged`). The restored weight is :math:`W_0`
-        up to float rounding (about the dtype's epsilon times the merged
-        weight's entries); a merge of a non-finite or huge update cannot be
-        undone, which ``merge(safe=True)`` refuses up front.
+        The updates undone are the ones merged, even if an adapter changed
+        since (:meth:`AdapterUnit.merged_update`). The restored weight is
+        :math:`W_0` up to float rounding (about the dtype's epsilon times the
+        merged weight's entries); a merge of a non-finite or huge update cannot
+        be undone, which ``merge(safe_merge=True)`` refuses up front.
+
+        Raises:
+            RuntimeError: if the merge lost :math:`W_0` (HiRA with
+                :math:`1 + \tilde B \tilde A = 0` somewhere); nothing changes.
         """
-        if not self.merged:
+        if not self.merged_adapters:
             return
-        weight = frozen_weight(self.base_layer)
-        weight.copy_(self.adapter.unmerged(weight))
-        self.merged = False
+        weight = frozen_weight(self.get_base_layer())
+        weight.copy_(self._current_weight0(weight).to(weight.dtype))
+        for name in self.merged_adapters:
+            if name in self.selora_units:
+                self.unit(name).forget_merge()
+        self.merged_adapters = []
 
     def extra_repr(self) -> str:
-        """Show the layer's size and whether it is merged."""
+        """Show the layer's size, its adapters and whether it is merged."""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"merged={self.merged}"
+            f"adapters={list(self.selora_units)}, active={self.active_adapters}, "
+            f"merged={self.merged_adapters}"
         )

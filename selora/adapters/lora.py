@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
-from selora.adapters.layer import AdapterUnit
-from selora.adapters.registry import AdaptationBase, register_base
+from selora.adapters.registry import AdaptationBase, Update, register_base
+from selora.adapters.unit import AdapterUnit
 
 __all__ = ["LoRA", "delta_weight", "low_rank_update"]
 
@@ -68,10 +68,6 @@ class LoRA(AdaptationBase):
         update = low_rank_update(unit, x, a, b)
         return base_out + (update if update.dtype == base_out.dtype else update.to(base_out.dtype))
 
-    def merged_weight(self, unit: AdapterUnit, weight0: Tensor) -> Tensor:
-        r"""Return :math:`W_0 + \tfrac{\alpha}{r} \tilde B \tilde A`."""
-        return weight0 + delta_weight(unit)
-
-    def unmerged_weight(self, unit: AdapterUnit, weight: Tensor) -> Tensor:
-        r"""Return :math:`W - \tfrac{\alpha}{r} \tilde B \tilde A`."""
-        return weight - delta_weight(unit)
+    def update(self, unit: AdapterUnit, weight0: Tensor | None) -> Update:
+        r"""Return :math:`(S, C) = (0, \tfrac{\alpha}{r} \tilde B \tilde A)`."""
+        return None, delta_weight(unit)

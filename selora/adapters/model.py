@@ -1,4 +1,14 @@
-"""Adapting a whole model: inject, merge, unmerge, unload and parameter counts."""
+"""Adapting a whole model: named adapters, inject, set, delete, merge, unmerge, unload.
+
+A model adapted by :func:`inject` keeps its adapters by name in
+``model.selora_adapters`` (name -> :class:`~selora.SpectralAdapter`, in the
+order they were added), and every targeted layer is one
+:class:`~selora.SpectralLayer` holding one unit per adapter that targets it.
+The semantics are PEFT's: the first adapter is active, an adapter added later
+is inactive (and frozen) until :func:`set_adapter` makes it active, several
+can be active at once (their updates add), and ``model(x, adapter_names=...)``
+routes each row of a batch to its own adapter.
+"""
 
 from __future__ import annotations
 
@@ -7,34 +17,47 @@ import re
 import warnings
 from collections.abc import Iterator, Sequence
 
-import torch
 from torch import nn
 
 from selora.adapters.config import SpectralAdapter
-from selora.adapters.layer import AdapterUnit, SpectralLayer
+from selora.adapters.diagnostics import (
+    check_finite,
+    parameter_summary,
+    print_trainable_parameters,
+    set_finite_checks,
+    trainable_parameters,
+)
+from selora.adapters.layer import SpectralLayer
 from selora.adapters.layer_types import (
     is_quantized_layer,
     is_supported_layer,
     quantized_layer_error,
 )
-from selora.adapters.registry import get_adapter_base
+from selora.adapters.model_hooks import attach_model_hooks, detach_model_hooks
+from selora.adapters.registry import AdaptationBase, get_adapter_base
+from selora.adapters.routing import BASE_NAME
+from selora.adapters.unit import AdapterUnit
 
 __all__ = [
+    "active_adapters",
     "adapter_config",
     "adapter_layers",
     "check_finite",
+    "delete_adapter",
     "disable_adapters",
     "inject",
     "merge",
     "parameter_summary",
     "print_trainable_parameters",
+    "set_adapter",
     "set_finite_checks",
     "trainable_parameters",
     "unload",
     "unmerge",
 ]
 
-_CONFIG_ATTR = "selora_adapter"
+ADAPTERS_ATTR = "selora_adapters"
+_ACTIVE_ATTR = "selora_active_adapters"
 
 
 def _name_matches(name: str, names: str | Sequence[str]) -> bool:
@@ -50,7 +73,24 @@ def _output_embedding_names(model: nn.Module) -> set[str]:
     if getter is None:
         return set()
     head = getter()
-    return {name for name, module in model.named_modules() if head is not None and module is head}
+    if isinstance(head, SpectralLayer):
+        head = head.base_layer
+    found = set()
+    for name, module in model.named_modules():
+        if head is not None and module is head:
+            found.add(name.removesuffix(".base_layer"))
+    return found
+
+
+def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Yield the model's modules by name, a SpectralLayer standing for its base layer."""
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(p) for p in inside):
+            continue
+        if isinstance(module, SpectralLayer):
+            inside.append(name + ".")
+        yield name, module
 
 
 def _is_target(name: str, adapter: SpectralAdapter, skip: set[str], module: nn.Module) -> bool:
@@ -58,13 +98,8 @@ def _is_target(name: str, adapter: SpectralAdapter, skip: set[str], module: nn.M
     if name in skip or _name_matches(name, adapter.exclude_modules):
         return False
     if targets == "all-linear":
-        return is_supported_layer(module)
+        return isinstance(module, SpectralLayer) or is_supported_layer(module)
     return _name_matches(name, targets)
-
-
-def _restore_grad_flags(flags: list[tuple[nn.Parameter, bool]]) -> None:
-    for p, flag in flags:
-        p.requires_grad_(flag)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -73,64 +108,47 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def inject(model: nn.Module, adapter: SpectralAdapter) -> nn.Module:
-    r"""Wrap every targeted layer of ``model`` in place and freeze everything else.
+def _registry(model: nn.Module) -> dict[str, SpectralAdapter]:
+    adapters = model.__dict__.get(ADAPTERS_ATTR)
+    return adapters if isinstance(adapters, dict) else {}
 
-    Every parameter of the model is frozen, each targeted ``nn.Linear`` /
-    ``Conv1D`` is replaced by the base's wrapper (a :class:`SpectralLayer`),
-    and the modules named in ``adapter.modules_to_save`` are made trainable.
-    The adapter is remembered on the model for :func:`selora.save_adapter`.
 
-    Args:
-        model: any PyTorch model, Hugging Face models included.
-        adapter: the adapter description.
+def _check_name(name: str, model: nn.Module) -> None:
+    if not isinstance(name, str) or not name or "." in name or name == BASE_NAME:
+        raise ValueError(
+            f"an adapter name must be a non-empty string without '.', and not {BASE_NAME!r}; "
+            f"got {name!r}"
+        )
+    if name in _registry(model):
+        raise ValueError(
+            f"{type(model).__name__} already holds an adapter named {name!r}; "
+            "pick another name or delete_adapter() it first"
+        )
 
-    Returns:
-        ``model`` itself, adapted.
 
-    Raises:
-        ValueError: if the model already holds a selora adapter, if no module
-            matches the targets (the message lists the candidate layers seen),
-            a ``modules_to_save`` name matches nothing, or a target cannot be
-            adapted (a budget larger than a factor, an odd size for a wavelet
-            basis: the message names the module, and the model is left as it was).
-        TypeError: if a matched module is of an unsupported type, or quantized
-            (bitsandbytes' ``Linear4bit`` / ``Linear8bitLt`` and the like, see
-            :func:`~selora.adapters.layer.is_quantized_layer`): the message names
-            the module and its type.
-
-    Warns:
-        UserWarning: if ``adapter.exclude_modules`` matches no module of the
-            model (as PEFT warns), since a misspelt exclusion changes nothing;
-            if ``adapter.r`` exceeds :math:`\min(d_{in}, d_{out})` of a layer
-            (see :class:`~selora.adapters.AdapterUnit`).
-    """
-    if any(isinstance(m, SpectralLayer) for m in model.modules()) or hasattr(model, _CONFIG_ATTR):
-        raise ValueError("this model already holds a selora adapter; unload() it first")
+def _matched(model: nn.Module, adapter: SpectralAdapter) -> list[tuple[str, nn.Module]]:
     skip = _output_embedding_names(model) if adapter.target_modules == "all-linear" else set()
-    matched = [
-        (name, module)
-        for name, module in model.named_modules()
-        if name and _is_target(name, adapter, skip, module)
-    ]
+    matched = [(n, m) for n, m in _candidates(model) if _is_target(n, adapter, skip, m)]
     if not matched:
-        seen = [name for name, module in model.named_modules() if is_supported_layer(module)]
+        seen = [n for n, m in _candidates(model) if is_supported_layer(m)]
         shown = ", ".join(seen[:40]) + (f", ... ({len(seen)} in all)" if len(seen) > 40 else "")
         raise ValueError(
             f"target_modules={adapter.target_modules!r} matches no module of "
             f"{type(model).__name__}; its linear layers are: {shown or 'none'}"
         )
     if adapter.exclude_modules and not any(
-        _name_matches(name, adapter.exclude_modules) for name, _ in model.named_modules() if name
+        _name_matches(n, adapter.exclude_modules) for n, _ in _candidates(model)
     ):
         # PEFT warns here too: a misspelt exclusion would otherwise adapt silently.
         warnings.warn(
             f"exclude_modules={adapter.exclude_modules!r} matches no module of "
             f"{type(model).__name__}, so nothing was excluded",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     for name, module in matched:
+        if isinstance(module, SpectralLayer):
+            continue
         if is_quantized_layer(module):
             raise quantized_layer_error(module, name)
         if not is_supported_layer(module):
@@ -138,62 +156,146 @@ def inject(model: nn.Module, adapter: SpectralAdapter) -> nn.Module:
                 f"target {name!r} is a {type(module).__name__}; selora adapts nn.Linear "
                 "and transformers' Conv1D (narrow target_modules)"
             )
+    return matched
+
+
+def _build(
+    matched: list[tuple[str, nn.Module]], adapter: SpectralAdapter, name: str, base: AdaptationBase
+) -> list[tuple[str, nn.Module, AdapterUnit | None]]:
+    """Build every new wrapper or unit before the model is touched (errors name the module)."""
+    built: list[tuple[str, nn.Module, AdapterUnit | None]] = []
+    custom = type(base).wrap is not AdaptationBase.wrap
+    for module_name, module in matched:
+        try:
+            if isinstance(module, SpectralLayer):
+                built.append((module_name, module, module.make_unit(name, adapter)))
+            elif custom:
+                built.append((module_name, base.wrap(module_name, module, adapter), None))
+            else:
+                layer = SpectralLayer(module, adapter, name=module_name, adapter_name=name)
+                built.append((module_name, layer, None))
+        except ValueError as exc:
+            weight = getattr(module, "weight", None)
+            shape = f" (weight {tuple(weight.shape)})" if weight is not None else ""
+            raise ValueError(
+                f"cannot adapt {module_name!r}{shape}: {exc} "
+                f"(factors: A is r x d_in, B is d_out x r with r={adapter.r})"
+            ) from exc
+    return built
+
+
+def inject(model: nn.Module, adapter: SpectralAdapter, name: str = "default") -> nn.Module:
+    r"""Add the adapter ``name`` to every targeted layer of ``model``, in place.
+
+    The first call freezes every parameter of the model, replaces each
+    targeted ``nn.Linear`` / ``Conv1D`` by a :class:`~selora.SpectralLayer`
+    and makes the adapter active and trainable, with the modules named in
+    ``adapter.modules_to_save``. A later call with another ``name`` adds a
+    second adapter to the layers it targets (wrapping new ones if needed),
+    inactive and frozen until :func:`set_adapter` (PEFT's ``add_adapter``).
+    Every wrapper and unit is built before the model is touched, so a failure
+    leaves the model as it was.
+
+    Args:
+        model: any PyTorch model, Hugging Face models included.
+        adapter: the adapter description.
+        name: the adapter's name (non-empty, no ``"."``, not ``"__base__"``).
+
+    Returns:
+        ``model`` itself, adapted.
+
+    Raises:
+        ValueError: if the name is taken or invalid; if no module matches the
+            targets (the message lists the candidate layers seen); if a
+            ``modules_to_save`` name matches nothing; if a target cannot be
+            adapted (a budget larger than a factor, an odd size for a wavelet
+            basis: the message names the module); for an X-LoRA adapter beside
+            another adapter.
+        TypeError: if a matched module is of an unsupported type, or quantized
+            (the message names the module and its type).
+
+    Warns:
+        UserWarning: if ``adapter.exclude_modules`` matches no module of the
+            model (as PEFT warns); if ``adapter.r`` exceeds
+            :math:`\min(d_{in}, d_{out})` of a layer.
+    """
+    _check_name(name, model)
+    registry = _registry(model)
+    base = get_adapter_base(adapter.base)()
+    custom = type(base).wrap is not AdaptationBase.wrap
+    if registry and (
+        custom
+        or any(get_adapter_base(a.base).wrap is not AdaptationBase.wrap for a in registry.values())
+    ):
+        raise ValueError(
+            f"{type(model).__name__}: an X-LoRA adapter (a base with its own layers) must be the "
+            "only adapter of a model; unload() the other first"
+        )
+    if not registry and any(isinstance(m, SpectralLayer) for m in model.modules()):
+        raise ValueError(
+            f"{type(model).__name__} holds selora layers but no adapter registry (adapted by "
+            "the PEFT bridge?); use that front door, or unload() first"
+        )
+    matched = _matched(model, adapter)
     saved = []
     for wanted in adapter.modules_to_save:
-        found = [m for name, m in model.named_modules() if name and _name_matches(name, (wanted,))]
+        found = [m for n, m in _candidates(model) if _name_matches(n, (wanted,))]
         if not found:
             raise ValueError(f"modules_to_save entry {wanted!r} matches no module")
         saved.extend(found)
-    base = get_adapter_base(adapter.base)()
-    # Build every wrapper before touching the model, so that a target that cannot
-    # be adapted (a budget larger than a factor, an odd size for a wavelet) fails
-    # naming the module and leaves the model as it was.
-    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
-    wrapped = []
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        for name, module in matched:
-            wrapped.append((name, base.wrap(name, module, adapter)))
-    except ValueError as exc:
-        _restore_grad_flags(grad_flags)
-        weight = getattr(module, "weight", None)
-        shape = f" (weight {tuple(weight.shape)})" if weight is not None else ""
-        raise ValueError(
-            f"cannot adapt {name!r}{shape}: {exc} "
-            f"(factors: A is r x d_in, B is d_out x r with r={adapter.r})"
-        ) from exc
+        built = _build(matched, adapter, name, base)
     except BaseException:
-        _restore_grad_flags(grad_flags)
+        for p, flag in flags:  # a wrapper built before the failure froze its base layer
+            p.requires_grad_(flag)
         raise
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name, wrapper in wrapped:
-        # A wrapper starts in train mode; it must follow the model's mode (dropout).
-        wrapper.train(model.training)
-        _set_submodule(model, name, wrapper)
-    for module in saved:
-        for p in module.parameters():
-            p.requires_grad_(True)
-    setattr(model, _CONFIG_ATTR, adapter)
-    base.prepare_model(model, adapter)
+    first = not registry
+    if first:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    for module_name, module, unit in built:
+        if unit is not None:
+            assert isinstance(module, SpectralLayer)
+            module.add_adapter(name, adapter, unit)
+            module.set_adapter(module.active_adapters)  # the new one stays frozen
+        else:
+            # A wrapper starts in train mode; it must follow the model's mode (dropout).
+            module.train(model.training)
+            if isinstance(module, SpectralLayer) and not first:
+                module.set_adapter([])  # added, not active: PEFT's add_adapter
+            _set_submodule(model, module_name, module)
+    if first:
+        for module in saved:
+            for p in module.parameters():
+                p.requires_grad_(True)
+    model.__dict__[ADAPTERS_ATTR] = {**registry, name: adapter}
+    if first:
+        model.__dict__[_ACTIVE_ATTR] = [name]
+        attach_model_hooks(model)
+    if custom:
+        base.prepare_model(model, adapter)
     return model
 
 
-def adapter_config(model: nn.Module) -> SpectralAdapter:
-    """Return the adapter :func:`inject` put on ``model``.
+def adapter_config(model: nn.Module, name: str = "default") -> SpectralAdapter:
+    """Return the adapter ``name`` that :func:`inject` put on ``model``.
 
     Args:
         model: an adapted model.
+        name: the adapter's name.
 
     Returns:
         The adapter description.
 
     Raises:
-        ValueError: if the model holds no selora adapter.
+        ValueError: if the model holds no such adapter (naming the ones it holds).
     """
-    adapter = getattr(model, _CONFIG_ATTR, None)
-    if not isinstance(adapter, SpectralAdapter):
-        raise ValueError(f"{type(model).__name__} holds no selora adapter (call inject first)")
-    return adapter
+    registry = _registry(model)
+    if name not in registry:
+        held = f"it holds {list(registry)}" if registry else "call inject first"
+        raise ValueError(f"{type(model).__name__} holds no selora adapter {name!r} ({held})")
+    return registry[name]
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, SpectralLayer]]:
@@ -210,44 +312,112 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, SpectralLayer]]:
             yield name, module
 
 
-def merge(model: nn.Module, *, safe: bool = False) -> nn.Module:
-    r"""Fold every adapter into its frozen weight; inference then costs what the base model costs.
-
-    What :func:`unmerge` can restore. Merging writes :math:`W = W_0 + \Delta W`
-    (LoRA; DoRA and HiRA likewise) in the weight's dtype, and unmerging
-    computes :math:`W - \Delta W`. That gives back :math:`W_0` up to float
-    rounding, about :math:`\epsilon \max|W|` per entry (:math:`\epsilon`:
-    the dtype's machine epsilon, so more for bfloat16 than float32); the
-    adapter may even change while merged (:func:`unmerge` subtracts the
-    update that was merged). It cannot restore a weight once a NaN or inf
-    update was merged, nor one that an update much larger than :math:`W_0`
-    rounded away (:math:`W_0 + 10^{30} = 10^{30}` in float32): the base
-    weight is then lost for good. ``safe=True`` refuses such merges up front.
+def active_adapters(model: nn.Module) -> list[str]:
+    """Return the active adapters of ``model``, in order.
 
     Args:
         model: an adapted model.
+
+    Returns:
+        Their names.
+    """
+    active = model.__dict__.get(_ACTIVE_ATTR)
+    return list(active) if isinstance(active, list) else []
+
+
+def set_adapter(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
+    """Make ``names`` the active adapters of ``model``; only they are trainable.
+
+    Args:
+        model: an adapted model.
+        names: an adapter name, or several (their updates add).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: for a name the model does not hold.
+    """
+    wanted = [names] if isinstance(names, str) else list(names)
+    for name in wanted:
+        adapter_config(model, name)
+    for _, layer in adapter_layers(model):
+        layer.set_adapter([n for n in wanted if n in layer.selora_units])
+    model.__dict__[_ACTIVE_ATTR] = wanted
+    return model
+
+
+def delete_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Remove the adapter ``name`` from ``model``; with the last one, the plain layers return.
+
+    Args:
+        model: an adapted model.
+        name: an adapter of the model.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: for a name the model does not hold.
+        RuntimeError: if the adapter is merged on some layer (unmerge first);
+            nothing is deleted.
+    """
+    adapter_config(model, name)
+    layers = list(adapter_layers(model))
+    for layer_name, layer in layers:
+        if name in layer.merged_adapters:
+            raise RuntimeError(f"{layer_name}: adapter {name!r} is merged; unmerge() it first")
+    registry = dict(_registry(model))
+    del registry[name]
+    if not registry:
+        return unload(model, merge_weights=False)
+    for _, layer in layers:
+        if name in layer.selora_units:
+            del layer.selora_units[name]
+    model.__dict__[ADAPTERS_ATTR] = registry
+    active = [n for n in active_adapters(model) if n != name] or [next(iter(registry))]
+    return set_adapter(model, active)
+
+
+def merge(model: nn.Module, names: Sequence[str] | None = None, *, safe: bool = False) -> nn.Module:
+    r"""Fold adapters into their frozen weights; inference then costs what the base model costs.
+
+    Merging writes :math:`W = W_0 + \sum_i (W_0 \odot S_i + C_i)` (LoRA:
+    :math:`W_0 + \Delta W`; DoRA and HiRA likewise, see
+    :meth:`~selora.AdaptationBase.update`) in the weight's dtype, the same sum
+    the unmerged forward computes, so outputs agree. :func:`unmerge` gives back
+    :math:`W_0` up to float rounding, about :math:`\epsilon \max|W|` per entry;
+    the adapter may even change while merged. It cannot restore a weight once
+    a NaN or inf update was merged, nor one that an update much larger than
+    :math:`W_0` rounded away: ``safe=True`` refuses such merges up front.
+
+    Args:
+        model: an adapted model.
+        names: the adapters to merge; the active ones if ``None``.
         safe: check every layer before writing any: every adapter tensor is
-            finite (:func:`check_finite`), every merged weight is finite in its
-            dtype, and unmerging would restore :math:`W_0` to within
-            :math:`\sqrt{\epsilon}\,\max|W_0|`
-            (:meth:`~selora.adapters.AdapterUnit.merged`). On failure nothing
+            finite, every merged weight is finite in its dtype, and unmerging
+            would restore :math:`W_0` to within :math:`\sqrt{\epsilon}\,\max|W_0|`
+            (:meth:`~selora.SpectralLayer.merged_weight`). On failure nothing
             changes. It costs a second dense computation per layer.
 
     Returns:
         ``model``.
 
     Raises:
+        ValueError: for a name the model does not hold; with ``safe``, if a
+            check fails, naming the layer (and the tensor, for a non-finite one).
         RuntimeError: if a base of adaptation cannot be merged (X-LoRA); with
             ``safe``, before anything is written.
-        ValueError: with ``safe``, if a check fails, naming the layer (and the
-            tensor, for a non-finite one); nothing is merged.
     """
+    wanted = active_adapters(model) if names is None else list(names)
+    for name in wanted:
+        adapter_config(model, name)
     layers = [layer for _, layer in adapter_layers(model)]
     if safe:
         for layer in layers:
-            layer.check_merge()
+            layer.check_merge(wanted)
     for layer in layers:
-        layer.merge()
+        layer.merge(adapter_names=wanted)
     return model
 
 
@@ -266,28 +436,29 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def unload(model: nn.Module, *, merge_weights: bool = True) -> nn.Module:
-    """Put plain layers back, with the adapters merged into them (or dropped).
+    """Put plain layers back, with the active adapters merged into them (or dropped).
 
     Args:
         model: an adapted model.
-        merge_weights: merge each adapter first (``False`` restores the base model).
-            Layers that cannot be merged (X-LoRA's) are put back unmerged.
+        merge_weights: merge the active adapters first (``False`` restores the
+            base model). Layers that cannot be merged (X-LoRA's) are put back
+            unmerged.
 
     Returns:
         ``model`` with no selora module left in it.
     """
     for name, layer in list(adapter_layers(model)):
+        layer.unmerge()
         if merge_weights and getattr(layer, "mergeable", True):  # X-LoRA: never mergeable
             layer.merge()
-        else:
-            layer.unmerge()
         _set_submodule(model, name, layer.base_layer)
     for module in model.modules():
         unload_hook = getattr(module, "selora_unload", None)
         if callable(unload_hook):
             unload_hook()
-    if hasattr(model, _CONFIG_ATTR):
-        delattr(model, _CONFIG_ATTR)
+    for attr in (ADAPTERS_ATTR, _ACTIVE_ATTR):
+        model.__dict__.pop(attr, None)
+    detach_model_hooks(model)
     return model
 
 
@@ -305,7 +476,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         ``model``.
     """
     layers = [layer for _, layer in adapter_layers(model)]
-    before = [(layer.disabled, layer.merged) for layer in layers]
+    before = [(layer.disabled, list(layer.merged_adapters)) for layer in layers]
     try:
         for layer in layers:
             layer.unmerge()
@@ -315,111 +486,4 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         for layer, (disabled, merged) in zip(layers, before, strict=True):
             layer.disabled = disabled
             if merged:
-                layer.merge()
-
-
-def _nonfinite_adapter_tensors(model: nn.Module) -> list[str]:
-    units = [(name, m) for name, m in model.named_modules() if isinstance(m, AdapterUnit)]
-    bad = [
-        f"{name}.{local}" if name else local for name, unit in units for local in unit.nonfinite()
-    ]
-    in_units = {id(p) for _, unit in units for p in unit.parameters()}
-    for name, p in model.named_parameters():
-        candidate = p.requires_grad and id(p) not in in_units and p.is_floating_point()
-        if candidate and not p.is_meta and not bool(torch.isfinite(p).all()):
-            bad.append(name)
-    return bad
-
-
-def check_finite(model: nn.Module) -> None:
-    """Check every adapter tensor of ``model`` for NaN and inf (PEFT's check at merge).
-
-    Checked: the parameters and floating-point buffers of every adapter unit
-    (coefficients, dense factors, DoRA magnitudes), whichever front door put
-    them there (:func:`inject`, the PEFT bridge, X-LoRA's experts), and every
-    other trainable parameter (``modules_to_save``, X-LoRA's classifier). Not
-    checked: the frozen base weights, activations, gradients and optimizer
-    state. :func:`merge` with ``safe=True`` runs the same check. One
-    ``isfinite`` pass over each tensor (:math:`O(k)` per factor).
-
-    Args:
-        model: an adapted model.
-
-    Raises:
-        ValueError: naming the first non-finite tensor (and how many there are).
-    """
-    bad = _nonfinite_adapter_tensors(model)
-    if bad:
-        raise ValueError(
-            f"{bad[0]} holds NaN or inf ({len(bad)} non-finite adapter tensor(s): {bad[:5]})"
-        )
-
-
-def set_finite_checks(model: nn.Module, enabled: bool = True) -> nn.Module:
-    r"""Make every adapted layer raise on NaN or inf in its adapter at each forward (fail fast).
-
-    Off by default, at no cost. On, each adapter unit checks its parameters
-    and the factors it forms (:math:`\tilde A`, :math:`\tilde B`) at every
-    forward and raises ``ValueError`` naming the layer and the tensor; the
-    eval factor cache is bypassed meanwhile. A training run then stops at the
-    first forward after a step that made a coefficient non-finite, instead of
-    training on silently. Not checked: activations, gradients, optimizer
-    state and the frozen weights (``torch.autograd.set_detect_anomaly``
-    catches NaN in the backward pass). Each check reads the tensors back
-    (a device sync on a GPU).
-
-    Args:
-        model: an adapted model.
-        enabled: turn the checks on (``True``) or off.
-
-    Returns:
-        ``model``.
-
-    Raises:
-        ValueError: if ``model`` holds no adapter unit.
-    """
-    units = [(name, m) for name, m in model.named_modules() if isinstance(m, AdapterUnit)]
-    if not units:
-        raise ValueError(f"{type(model).__name__} holds no selora adapter")
-    for name, unit in units:
-        unit.finite_checks = enabled
-        unit.name = unit.name or name
-    return model
-
-
-def trainable_parameters(model: nn.Module) -> int:
-    """Count the parameters that will be trained (``requires_grad``), shared ones once.
-
-    Args:
-        model: any model.
-
-    Returns:
-        The count.
-    """
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def parameter_summary(model: nn.Module) -> str:
-    """Return PEFT's one-line summary: trainable, all, and the trainable percentage.
-
-    Args:
-        model: any model.
-
-    Returns:
-        ``"trainable params: T || all params: N || trainable%: P"``.
-    """
-    trainable = trainable_parameters(model)
-    total = sum(p.numel() for p in model.parameters())
-    percent = 100.0 * trainable / total if total else 0.0
-    return (
-        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}"
-    )
-
-
-def print_trainable_parameters(model: nn.Module) -> None:
-    """Print :func:`parameter_summary` (as PEFT's ``print_trainable_parameters``).
-
-    Args:
-        model: any model.
-    """
-    print(parameter_summary(model))
+                layer.merge(adapter_names=merged)

@@ -19,16 +19,21 @@ from selora._names import UnknownNameError, unknown_name
 
 if TYPE_CHECKING:
     from selora.adapters.config import SpectralAdapter
-    from selora.adapters.layer import AdapterUnit
+    from selora.adapters.unit import AdapterUnit
 
 __all__ = [
     "AdaptationBase",
+    "Update",
     "UnknownAdapterBaseError",
     "get_adapter_base",
     "list_adapter_bases",
     "register_base",
     "unregister_base",
 ]
+
+
+Update = tuple[Tensor | None, Tensor | None]
+"""A merge update :math:`(S, C)`: a merge writes :math:`W_0 + W_0 \\odot S + C` (``None``: none)."""
 
 
 class UnknownAdapterBaseError(UnknownNameError):
@@ -89,29 +94,45 @@ class AdaptationBase(abc.ABC):
         """
 
     @abc.abstractmethod
-    def merged_weight(self, unit: AdapterUnit, weight0: Tensor) -> Tensor:
-        """Return the adapted weight :math:`W` that replaces :math:`W_0` on merge.
+    def update(self, unit: AdapterUnit, weight0: Tensor | None) -> Update:
+        r"""Return the merge update :math:`(S, C)`: merging writes :math:`W_0 + W_0 \odot S + C`.
+
+        Every base's update is affine in :math:`W_0` in this form (LoRA:
+        :math:`S = 0`, :math:`C = \tfrac{\alpha}{r}\tilde B\tilde A`; DoRA: a
+        per-row :math:`S`; HiRA: :math:`S = \tilde B\tilde A`, :math:`C = 0`),
+        which is what lets several adapters merge exactly as their forward
+        sums them, :math:`W = W_0 + \sum_i (W_0 \odot S_i + C_i)`, and lets an
+        unmerge recover :math:`W_0 = (W - \sum_i C_i) / (1 + \sum_i S_i)`.
+        The forward must compute the same update, relative to the frozen
+        output, so that merging equals the forward.
 
         Args:
             unit: the adapter unit.
-            weight0: :math:`W_0` in float32 (float64 for a float64 layer, see
-                :func:`selora.adapters.layer.compute_dtype`), ``(d_out, d_in)``.
+            weight0: :math:`W_0` in the compute dtype (float32, or float64 for
+                a float64 layer) when merging; ``None`` when unmerging, where
+                :math:`W_0` is not known: return what was returned at the merge
+                (record in :meth:`update` whatever :math:`W_0`-dependent state
+                that needs, as DoRA records its row norms).
 
         Returns:
-            :math:`W` in the dtype of ``weight0``.
+            ``(S, C)``: :math:`S` broadcastable to ``(d_out, d_in)`` (``(d_out, 1)``
+            for a per-row scale) or ``None``; :math:`C` ``(d_out, d_in)`` or
+            ``None``; float32 or float64.
         """
 
-    @abc.abstractmethod
-    def unmerged_weight(self, unit: AdapterUnit, weight: Tensor) -> Tensor:
-        """Invert :meth:`merged_weight`: recover :math:`W_0` from the merged weight.
+    def merged_weight(self, unit: AdapterUnit, weight0: Tensor) -> Tensor:
+        r"""Return :math:`W_0 + W_0 \odot S + C` for this unit alone (see :meth:`update`).
 
         Args:
-            unit: the adapter unit, unchanged since the merge.
-            weight: the merged weight in float32 (float64 for a float64 layer).
+            unit: the adapter unit.
+            weight0: :math:`W_0` in the compute dtype.
 
         Returns:
-            :math:`W_0` in the dtype of ``weight``.
+            The merged weight in ``weight0``'s dtype.
         """
+        scale, shift = self.update(unit, weight0)
+        merged = weight0 if scale is None else weight0 + weight0 * scale.to(weight0.dtype)
+        return merged if shift is None else merged + shift.to(weight0.dtype)
 
     def wrap(self, name: str, module: nn.Module, adapter: SpectralAdapter) -> nn.Module:
         """Return the module that replaces a targeted layer (a :class:`SpectralLayer`).

@@ -38,15 +38,15 @@ import dataclasses
 import numbers
 import os
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
 from torch import Tensor, nn
 
+from selora.adapters.checkpoint_format import AdapterCheckpointError
 from selora.adapters.config import SpectralAdapter
-from selora.adapters.layer import AdapterUnit
-from selora.adapters.model import unload
-from selora.adapters.registry import AdaptationBase, register_base
+from selora.adapters.model import ADAPTERS_ATTR, unload
+from selora.adapters.registry import AdaptationBase, Update, register_base
+from selora.adapters.unit import AdapterUnit
 from selora.adapters.xlora_classifier import (
     CLASSIFIER_ATTR,
     MERGE_ERROR,
@@ -56,7 +56,9 @@ from selora.adapters.xlora_classifier import (
     xlora_layers,
 )
 from selora.adapters.xlora_passes import attach_classifier, model_hidden_size
-from selora.spectral_bases import SparseSpectrum
+
+if TYPE_CHECKING:
+    from selora.adapters.checkpoint_read import Checkpoint
 
 __all__ = [
     "CLASSIFIER_ATTR",
@@ -67,7 +69,6 @@ __all__ = [
     "xlora_layers",
 ]
 
-_CONFIG_ATTR = "selora_adapter"  # where selora.adapters.model keeps the adapter
 _EXPERT_FIELDS = ("basis", "r", "alpha", "sparse_ratio", "n_coeffs", "seed", "dropout", "scale")
 _DEFAULTS: dict[str, Any] = {
     "n_experts": None,
@@ -133,84 +134,44 @@ def _expert_adapter(spec: dict[str, Any]) -> SpectralAdapter:
 # --------------------------------------------------------------------------- experts from files
 
 
-_Source = tuple[str, SpectralAdapter, dict[str, Tensor], dict[str, Any]]
+_Source = tuple[str, SpectralAdapter, "Checkpoint"]
 
 
 def _read_expert(path: str, index: int, adapter: SpectralAdapter) -> _Source:
-    from selora.adapters.io import read_adapter
+    from selora.adapters.io import read_checkpoint
 
     where = f"base_options experts[{index}] ({path})"
     try:
-        saved, tensors, meta = read_adapter(path)
+        checkpoint = read_checkpoint(path)
     except (OSError, ValueError) as exc:
         raise ValueError(f"{where}: cannot read the adapter: {exc}") from None
+    saved = checkpoint.adapter
     if saved.base != "lora":
         raise ValueError(f"{where}: an X-LoRA expert must be a 'lora' adapter; got {saved.base!r}")
     if saved.r != adapter.r:
         raise ValueError(
             f"{where}: rank r={saved.r} differs from the X-LoRA adapter's r={adapter.r}"
         )
-    return path, saved, tensors, meta
+    return path, saved, checkpoint
 
 
 def _load_experts(layers: list[XLoRALayer], sources: list[_Source]) -> None:
     """Copy each saved adapter into its expert, all layers checked before anything changes."""
-    copies: list[tuple[Tensor, Tensor]] = []
-    relocate: list[tuple[SparseSpectrum, Tensor]] = []
-    ours = {layer.name: layer for layer in layers}
-    for index, (path, _, tensors, meta) in enumerate(sources):
+    from selora.adapters.io import unit_plan
+
+    plans = []
+    for index, (path, _, checkpoint) in enumerate(sources):
+        units = {layer.name: layer.units()[index] for layer in layers}
         where = f"base_options experts[{index}] ({path})"
-        by_layer = {entry["layer"]: (unit, entry) for unit, entry in meta["modules"].items()}
-        missing, extra = sorted(set(ours) - set(by_layer)), sorted(set(by_layer) - set(ours))
-        if missing or extra:
-            raise ValueError(
-                f"{where}: an expert must adapt the same modules as the X-LoRA adapter; "
-                f"missing {missing[:5]}, not targeted here {extra[:5]}"
-            )
-        used: set[str] = set()
-        for name, layer in ours.items():
-            unit_name, entry = by_layer[name]
-            expert = layer.experts[index]
-            assert isinstance(expert, AdapterUnit)
-            if (entry["d_out"], entry["d_in"]) != (layer.out_features, layer.in_features):
-                raise ValueError(
-                    f"{where}: module {name!r} has shape (d_out, d_in) = "
-                    f"{(entry['d_out'], entry['d_in'])} there, "
-                    f"{(layer.out_features, layer.in_features)} in the model"
-                )
-            for fname, factor in expert.named_children():
-                if not isinstance(factor, nn.Module) or fname not in ("lora_A", "lora_B"):
-                    continue
-                for pname, param in factor.named_parameters():
-                    key = f"{unit_name}.{fname}.{pname}"
-                    source = tensors.get(key)
-                    if source is None or source.shape != param.shape:
-                        got = None if source is None else tuple(source.shape)
-                        raise ValueError(
-                            f"{where}: module {name!r}, tensor {key!r} has shape {got}, "
-                            f"the expert's is {tuple(param.shape)}"
-                        )
-                    copies.append((param, source))
-                    used.add(key)
-                info = entry["factors"].get(fname, {})
-                if isinstance(factor, SparseSpectrum) and info.get("locations") is not None:
-                    used.add(info["locations"])
-                    stored = tensors[info["locations"]]
-                    if not torch.equal(stored.long(), factor.indices.cpu().long()):
-                        relocate.append((factor, stored))
-        others = sorted(set(tensors) - used - {k for k in tensors if k.startswith("__locations__")})
-        if others:
-            raise ValueError(
-                f"{where}: saves tensors besides the LoRA factors ({others[:5]}, a "
-                "modules_to_save head?); an X-LoRA expert must be a plain lora adapter"
-            )
-    with torch.no_grad():
-        for spectrum, indices in relocate:
-            spectrum.set_locations(indices)  # and recompute its scale factor
-        for target, source in copies:
-            target.copy_(source)
+        try:
+            plans.append(unit_plan(checkpoint, units, where, owner="the X-LoRA adapter"))
+        except AdapterCheckpointError as exc:
+            raise ValueError(str(exc)) from None
+    for plan in plans:
+        plan.apply_locations()
+        plan.apply_copies()
     for layer in layers:
-        for unit in layer.experts:
+        for unit in layer.units():
             unit.train(unit.training)  # drop the factor caches
 
 
@@ -337,16 +298,8 @@ class XLoRA(AdaptationBase):
         """
         raise RuntimeError("X-LoRA mixes its experts in XLoRALayer; no unit uses base 'xlora'")
 
-    def merged_weight(self, unit: AdapterUnit, weight0: Tensor) -> Tensor:
+    def update(self, unit: AdapterUnit, weight0: Tensor | None) -> Update:
         """Refuse (see :meth:`XLoRALayer.merge`).
-
-        Raises:
-            RuntimeError: always.
-        """
-        raise RuntimeError(MERGE_ERROR)
-
-    def unmerged_weight(self, unit: AdapterUnit, weight: Tensor) -> Tensor:
-        """Refuse: an X-LoRA layer is never merged.
 
         Raises:
             RuntimeError: always.
@@ -362,7 +315,7 @@ class XLoRA(AdaptationBase):
             self._sources = [
                 _read_expert(path, i, adapter) for i, path in enumerate(options["experts"])
             ]
-            specs = [_expert_adapter(_spec_of(saved)) for _, saved, _, _ in self._sources]
+            specs = [_expert_adapter(_spec_of(saved)) for _, saved, _ in self._sources]
         elif options["expert_adapters"] is not None:
             # an expert without a scale (saved before the option) takes the adapter's
             specs = [
@@ -425,7 +378,9 @@ class XLoRA(AdaptationBase):
             recorded = dict(options)
             recorded["experts"] = None
             recorded["expert_adapters"] = [_spec_of(spec) for spec in self._expert_specs(adapter)]
-            setattr(model, _CONFIG_ATTR, dataclasses.replace(adapter, base_options=recorded))
+            registry = model.__dict__[ADAPTERS_ATTR]  # X-LoRA is the model's only adapter
+            for name in registry:
+                registry[name] = dataclasses.replace(adapter, base_options=recorded)
         classifier = XLoRAClassifier(
             hidden_size,
             int(options["n_experts"]),

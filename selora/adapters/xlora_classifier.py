@@ -30,8 +30,9 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from selora.adapters.config import SpectralAdapter
-from selora.adapters.layer import AdapterUnit, SpectralLayer
+from selora.adapters.layer import SpectralLayer
 from selora.adapters.lora import low_rank_update
+from selora.adapters.unit import AdapterUnit
 
 __all__ = [
     "CLASSIFIER_ATTR",
@@ -265,13 +266,25 @@ class XLoRALayer(SpectralLayer):
         assert update is not None
         return base_out + update.to(base_out.dtype)
 
-    def merge(self) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
         """Refuse: per-token weights cannot be folded into :math:`W_0`.
+
+        Args:
+            safe_merge: ignored.
+            adapter_names: ignored.
 
         Raises:
             RuntimeError: always, explaining why.
         """
         raise RuntimeError(f"{self.name or 'this layer'}: {MERGE_ERROR}")
+
+    def check_merge(self, adapter_names: Sequence[str] | None = None) -> None:
+        """Refuse, as :meth:`merge`.
+
+        Args:
+            adapter_names: ignored.
+        """
+        self.merge()
 
     def unmerge(self) -> None:
         """Do nothing: an X-LoRA layer is never merged."""

@@ -23,25 +23,30 @@ on in PEFT and what breaks if PEFT changes it.
 from __future__ import annotations
 
 import dataclasses
-import re
+import inspect
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.peft_types import PeftType, register_peft_method
-from torch import nn
 
-from selora.adapters.config import SpectralAdapter
-from selora.adapters.layer_types import (
-    is_quantized_layer,
-    is_supported_layer,
-    quantized_layer_error,
+from selora.adapters.checkpoint_format import (
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    SPECTRAL_FIELDS,
+    VERSION_FIELD,
+    AdapterCheckpointError,
+    check_config_keys,
+    rebuild_basis,
+    refuse_legacy,
+    spectral_config,
 )
+from selora.adapters.config import SpectralAdapter
 from selora.adapters.registry import AdaptationBase, get_adapter_base
-from selora.integrations.peft_layer import UNITS_ATTR, SeloraLayer, SeloraLinear
-from selora.spectral_bases import get_basis
+from selora.integrations.peft_layer import SeloraLayer, SeloraLinear
+from selora.integrations.peft_model import CHECKPOINT_DIR_ATTR, PREFIX, SeloraModel
+from selora.spectral_bases import basis_spec
 
 __all__ = [
     "PEFT_TYPE",
@@ -81,29 +86,35 @@ class SeloraPeftType(str):
 PEFT_TYPE = SeloraPeftType("SELORA")
 """The ``peft_type`` written to ``adapter_config.json`` (see :class:`SeloraPeftType`)."""
 
-PREFIX = "selora_"
-"""The method's unique PEFT prefix; every adapter attribute of a layer starts with it."""
+_SPECTRAL_FIELDS = SPECTRAL_FIELDS
+"""The fields of :class:`~selora.SpectralAdapter` on :class:`SeloraConfig`."""
 
-_DEFAULT_TARGETS: dict[str, list[str]] = {
-    model_type: list(names)
-    for model_type, names in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.items()
-}
 
-_SPECTRAL_FIELDS = (
-    "basis",
-    "base",
-    "r",
-    "alpha",
-    "sparse_ratio",
-    "n_coeffs",
-    "target_modules",
-    "exclude_modules",
-    "modules_to_save",
-    "dropout",
-    "seed",
-    "base_options",
-    "scale",
-)
+def _directory_being_read() -> str | None:
+    """The local directory ``PeftConfig.from_pretrained`` is reading, if it is the caller.
+
+    transformers' ``PreTrainedModel.load_adapter`` reads the config with
+    ``PeftConfig.from_pretrained`` (not :meth:`SeloraConfig.from_pretrained`) and
+    the tensors with its own loader, which never calls PEFT's loading hook. The
+    directory, found from the documented arguments of that public call, lets
+    :class:`~selora.integrations.peft_model.SeloraModel` check the checkpoint
+    and apply its stored locations before transformers loads anything.
+    """
+    target = PeftConfig.from_pretrained.__func__.__code__  # type: ignore[attr-defined]
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            if frame.f_code is target:
+                name = frame.f_locals.get("pretrained_model_name_or_path")
+                sub = frame.f_locals.get("subfolder")
+                if not isinstance(name, (str, os.PathLike)):
+                    return None
+                directory = os.path.join(os.fspath(name), sub if isinstance(sub, str) else "")
+                return directory if os.path.isdir(directory) else None
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
 
 
 def _check_wrappable(base: str) -> None:
@@ -120,13 +131,16 @@ def _check_wrappable(base: str) -> None:
 
 @dataclass
 class SeloraConfig(PeftConfig):
-    """PEFT configuration of a selora adapter, with every :class:`~selora.SpectralAdapter` field.
+    r"""PEFT configuration of a selora adapter, with every :class:`~selora.SpectralAdapter` field.
 
     The fields mean what they mean on :class:`~selora.SpectralAdapter`
     (validated by it at construction, so a bad value raises ``ValueError``
     naming the field). The budget is stored explicitly: with a basis and no
     budget, ``sparse_ratio`` is filled with selora's default, so a saved
     ``adapter_config.json`` does not depend on the selora version that reads it.
+    ``to_dict()`` is the whole ``adapter_config.json`` of selora's checkpoint
+    format (:mod:`selora.adapters.checkpoint_format`), which
+    :func:`selora.save_adapter` writes too.
 
     Target matching is PEFT's, which agrees with selora's: a list matches a
     module whose name equals an entry or ends with ``"." + entry``; a string
@@ -138,7 +152,9 @@ class SeloraConfig(PeftConfig):
 
     Attributes:
         basis: a registered basis name (``"fft"``, ``"dct"``, ``"coif"``, ...) or
-            ``None`` for dense factors.
+            ``None`` for dense factors. A basis with constructor options is
+            given by name with ``basis_options`` (or through
+            :meth:`from_spectral_adapter` from an instance).
         base: a registered base of adaptation (``"lora"``, ``"dora"``, ``"hira"``).
         r: the rank.
         alpha: the scale numerator (``None``: scale 1).
@@ -149,14 +165,30 @@ class SeloraConfig(PeftConfig):
         modules_to_save: modules trained and saved besides the adapter (PEFT's
             ``ModulesToSaveWrapper``).
         dropout: dropout on the adapter's input.
-        seed: seeds the spectral locations.
+        seed: seeds the spectral locations (a checkpoint stores the locations
+            themselves; they are never regenerated at load).
         base_options: options of the base of adaptation.
         scale: ``"lora"`` or ``"paper"``, how the spectral factors are scaled
-            (see :class:`~selora.SpectralAdapter`). ``None`` resolves at
-            construction: to ``"lora"`` for a new config, and to ``"paper"``
-            for one read back from a file (it carries a ``peft_type``) that has
-            no ``scale``, a checkpoint saved before the option existed, so it
-            computes what it computed then.
+            (see :class:`~selora.SpectralAdapter`).
+        init_weights: PEFT's convention: ``True``, :math:`\tilde B = 0` (the
+            adapted model equals its base); ``False``, a random non-zero
+            :math:`\tilde B`, for tests.
+        autocast_adapter_dtype: ``True``, adapter parameters in float32
+            (float64 for a float64 layer); ``False``, in the layer's dtype
+            (the transform still computes in float32).
+        basis_class: the basis' class path ``module.QualName``, checked at load
+            (``None`` for dense factors; filled from ``basis`` when not given).
+        basis_options: the basis' constructor options (``None`` for dense
+            factors; filled from ``basis`` when not given).
+        selora_format_version: the checkpoint format version (2). A config read
+            from a file without it (written before it existed, with no stored
+            locations) is refused with :class:`~selora.AdapterCheckpointError`.
+
+    Raises:
+        ValueError: naming the field, for any invalid value.
+        AdapterCheckpointError: for a config read from a file that is of
+            another format version, or names a basis that is not registered or
+            not of the saved class.
     """
 
     basis: str | None = field(default="fft", metadata={"help": "Registered basis name or None."})
@@ -179,16 +211,45 @@ class SeloraConfig(PeftConfig):
     base_options: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "Options of the base of adaptation."}
     )
-    scale: str | None = field(
-        default=None, metadata={"help": "'lora' (LoRA's lr carries over) or 'paper' (FoRA eq. 3)."}
+    scale: str = field(
+        default="lora",
+        metadata={"help": "'lora' (LoRA's lr carries over) or 'paper' (FoRA eq. 3)."},
+    )
+    init_weights: bool = field(
+        default=True, metadata={"help": "True: B = 0 (the base model at init); False: random B."}
+    )
+    autocast_adapter_dtype: bool = field(
+        default=True, metadata={"help": "Adapter parameters in float32 (True) or the layer dtype."}
+    )
+    basis_class: str | None = field(
+        default=None, metadata={"help": "Class path of the basis (filled in from basis)."}
+    )
+    basis_options: dict[str, Any] | None = field(
+        default=None, metadata={"help": "Constructor options of the basis (filled in from basis)."}
+    )
+    selora_format_version: int | None = field(
+        default=None, metadata={"help": "Checkpoint format version (filled in)."}
     )
 
     def __post_init__(self) -> None:
-        """Set the PEFT type, normalise the containers and validate through SpectralAdapter."""
+        """Set the PEFT type and format version, resolve the basis, validate all fields."""
         parent: Any = super()  # PeftConfig.__post_init__ is unannotated
         parent.__post_init__()
-        if self.scale is None:  # a saved config always carries its peft_type
-            self.scale = "lora" if self.peft_type is None else "paper"
+        read = self.peft_type is not None  # a config read back from a file carries its peft_type
+        if read:
+            directory = _directory_being_read()
+            if directory is not None:
+                # Not a field (never saved): SeloraModel checks this checkpoint at injection.
+                self.__dict__[CHECKPOINT_DIR_ATTR] = directory
+        if self.selora_format_version is None:
+            if read:
+                refuse_legacy({"peft_type": str(self.peft_type)}, CONFIG_NAME)
+            self.selora_format_version = FORMAT_VERSION
+        if self.selora_format_version != FORMAT_VERSION:
+            raise AdapterCheckpointError(
+                f"{CONFIG_NAME}: {VERSION_FIELD} is {self.selora_format_version!r}; this "
+                f"selora reads version {FORMAT_VERSION}"
+            )
         self.peft_type = PEFT_TYPE
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)
@@ -197,17 +258,39 @@ class SeloraConfig(PeftConfig):
         if self.modules_to_save is not None:
             self.modules_to_save = list(dict.fromkeys(self.modules_to_save))
         self.base_options = dict(self.base_options)
-        if isinstance(self.basis, str):
-            get_basis(self.basis)  # an unknown name raises here, naming the known ones
         _check_wrappable(self.base)
-        adapter = self._spectral_adapter(self.target_modules or "all-linear")
+        self._resolve_basis()
+        adapter = self.to_spectral_adapter()
         self.sparse_ratio = adapter.sparse_ratio
         self.n_coeffs = adapter.n_coeffs
         self.base_options = dict(adapter.base_options)
 
-    def _spectral_adapter(self, targets: str | set[str] | list[str]) -> SpectralAdapter:
+    def _resolve_basis(self) -> None:
+        """Fill ``basis_class`` / ``basis_options`` from the name, or rebuild the basis."""
+        if self.basis is not None and not isinstance(self.basis, str):
+            raise ValueError(
+                f"SeloraConfig.basis: a name or None; got {self.basis!r} (give a basis instance "
+                "through SeloraConfig.from_spectral_adapter)"
+            )
+        if self.basis is not None and self.basis_class is None and self.basis_options is None:
+            spec = basis_spec(self.basis)  # an unknown name raises, naming the known ones
+            self.basis_class, self.basis_options = spec["cls"], spec["options"]
+        fields = {"basis": self.basis, "basis_class": self.basis_class}
+        self._basis = rebuild_basis({**fields, "basis_options": self.basis_options}, CONFIG_NAME)
+
+    def to_spectral_adapter(self) -> SpectralAdapter:
+        """Return the equivalent :class:`~selora.SpectralAdapter`.
+
+        A set of target names becomes a sorted tuple; ``None`` targets (not yet
+        resolved by PEFT) become ``"all-linear"``. The basis is its name when
+        it has no options, else the instance rebuilt from ``basis_options``.
+
+        Returns:
+            The adapter description that :func:`selora.inject` would take.
+        """
+        targets = self.target_modules or "all-linear"
         return SpectralAdapter(
-            basis=self.basis,
+            basis=getattr(self, "_basis", self.basis),
             base=self.base,
             r=self.r,
             alpha=self.alpha,
@@ -224,26 +307,20 @@ class SeloraConfig(PeftConfig):
             seed=self.seed,
             base_options=dict(self.base_options),
             scale=self.scale,  # type: ignore[arg-type]  # validated by SpectralAdapter
+            init_weights=self.init_weights,
+            autocast_adapter_dtype=self.autocast_adapter_dtype,
         )
-
-    def to_spectral_adapter(self) -> SpectralAdapter:
-        """Return the equivalent :class:`~selora.SpectralAdapter`.
-
-        A set of target names becomes a sorted tuple; ``None`` targets (not yet
-        resolved by PEFT) become ``"all-linear"``.
-
-        Returns:
-            The adapter description that :func:`selora.inject` would take.
-        """
-        return self._spectral_adapter(self.target_modules or "all-linear")
 
     @classmethod
     def from_spectral_adapter(cls, adapter: SpectralAdapter, **kwargs: Any) -> SeloraConfig:
         """Build the PEFT config of a :class:`~selora.SpectralAdapter`.
 
+        The spectral part is :func:`~selora.adapters.checkpoint_format.spectral_config`,
+        the one :func:`selora.save_adapter` writes: a basis instance is stored
+        by name, class and declared options.
+
         Args:
-            adapter: the adapter; its basis must be registered (a PEFT
-                checkpoint stores the basis by name).
+            adapter: the adapter.
             **kwargs: further :class:`~peft.PeftConfig` fields (``task_type``,
                 ``inference_mode``, ...).
 
@@ -251,171 +328,70 @@ class SeloraConfig(PeftConfig):
             The config.
 
         Raises:
-            ValueError: if the basis is an instance no registered name gives back.
+            BasisNotSavableError: if the basis cannot be rebuilt from its name
+                and declared options (a ``ValueError``).
         """
-        values = adapter.to_dict()
-        label = values["basis"]
-        if label is not None:
-            try:
-                get_basis(label)
-            except KeyError:
-                raise ValueError(
-                    f"basis {label!r} is not registered; register it to store it in a PEFT config"
-                ) from None
-        targets = values["target_modules"]
-        values["exclude_modules"] = values["exclude_modules"] or None
-        values["modules_to_save"] = values["modules_to_save"] or None
-        values["target_modules"] = targets if isinstance(targets, str) else list(targets)
+        values = spectral_config(adapter)
         values.update(kwargs)
         return cls(**values)
+
+    @classmethod
+    def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
+        """Check a saved config's fields before PEFT builds it (``from_pretrained``).
+
+        Every field of selora's format must be there: none is given a default.
+
+        Args:
+            **kwargs: the fields read from ``adapter_config.json``.
+
+        Returns:
+            ``kwargs``, as PEFT's own check returns them.
+
+        Raises:
+            AdapterCheckpointError: naming the missing field, or saying why a
+                legacy config cannot load.
+        """
+        check_config_keys(kwargs, CONFIG_NAME)
+        checked: dict[str, Any] = super().check_kwargs(**kwargs)  # type: ignore[no-untyped-call]
+        return checked
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any
+    ) -> Any:
+        """PEFT's ``from_pretrained``, with a checkpoint error naming the directory read.
+
+        Args:
+            pretrained_model_name_or_path: a directory (or Hub id).
+            subfolder: a subfolder of it.
+            **kwargs: passed to PEFT.
+
+        Returns:
+            The config.
+
+        Raises:
+            AdapterCheckpointError: naming the directory, for a config of
+                another format version, with a missing field, or naming a
+                basis that cannot be rebuilt.
+        """
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder, **kwargs)
+        except AdapterCheckpointError as exc:
+            raise AdapterCheckpointError(f"{pretrained_model_name_or_path}: {exc}") from None
+        directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        if os.path.isdir(directory):
+            # Not a field (never saved): SeloraModel checks this checkpoint at injection.
+            config.__dict__[CHECKPOINT_DIR_ATTR] = directory
+        return config
 
     def spectral_fields(self) -> dict[str, Any]:
         """Return the spectral fields (those of :class:`~selora.SpectralAdapter`) by name.
 
         Returns:
-            A dict of the thirteen fields.
+            A dict of the fifteen fields.
         """
         data = dataclasses.asdict(self)
         return {name: data[name] for name in _SPECTRAL_FIELDS}
-
-
-class SeloraModel(BaseTuner):
-    """PEFT tuner that injects :class:`~selora.integrations.peft_layer.SeloraLinear` layers.
-
-    Created by PEFT (``get_peft_model``, ``PeftModel.from_pretrained``,
-    ``add_adapter``), not directly.
-
-    Attributes:
-        prefix: PEFT's method prefix, ``"selora_"``.
-        tuner_layer_cls: :class:`~selora.integrations.peft_layer.SeloraLayer`.
-        target_module_mapping: default targets per model type (LoRA's).
-    """
-
-    prefix: str = PREFIX
-    tuner_layer_cls = SeloraLayer
-    target_module_mapping = _DEFAULT_TARGETS
-
-    def _create_and_replace(
-        self,
-        peft_config: PeftConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        parameter_name: str | None = None,
-    ) -> None:
-        """Wrap ``target`` (or add an adapter to it if it is a selora layer already).
-
-        Args:
-            peft_config: the adapter's :class:`SeloraConfig`.
-            adapter_name: its name.
-            target: the matched module.
-            target_name: its attribute name on ``parent``.
-            parent: the module holding it.
-            current_key: its full name.
-            parameter_name: set when PEFT targets an ``nn.Parameter`` (unsupported).
-
-        Raises:
-            TypeError: if the matched module is neither a supported layer nor a
-                selora layer, or is quantized (bitsandbytes and the like; the
-                message names the module and its type).
-        """
-        if not isinstance(peft_config, SeloraConfig):
-            raise TypeError(f"expected a SeloraConfig; got {type(peft_config).__name__}")
-        if parameter_name is not None:
-            raise TypeError("the selora PEFT bridge adapts modules, not parameters")
-        if isinstance(target, SeloraLinear):
-            target.update_layer(adapter_name, peft_config)
-            return
-        if is_quantized_layer(target):
-            raise quantized_layer_error(target, current_key)
-        if isinstance(target, BaseTunerLayer) or not is_supported_layer(target):
-            raise TypeError(
-                f"target {current_key!r} is a {type(target).__name__}; the selora PEFT bridge "
-                "adapts nn.Linear and transformers' Conv1D (narrow target_modules)"
-            )
-        new_module = SeloraLinear(target, adapter_name, peft_config)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)  # an added adapter is not trainable until set active
-        self._replace_module(parent, target_name, new_module, target)
-
-    def _check_safe_merge(self, adapter_names: list[str] | None) -> None:
-        """Check every layer before any is written (PEFT merges layer by layer)."""
-        for module in self.model.modules():
-            if isinstance(module, SeloraLinear):
-                module.check_merge(adapter_names)
-
-    def merge_adapter(
-        self, adapter_names: list[str] | None = None, safe_merge: bool = False
-    ) -> None:
-        """Merge the adapters into the frozen weights (PEFT's ``merge_adapter``).
-
-        With ``safe_merge`` every layer is checked before any is written, so a
-        failure changes nothing (PEFT itself checks layer by layer).
-
-        Args:
-            adapter_names: the adapters to merge; the active ones if ``None``.
-            safe_merge: check first (see :meth:`SeloraLinear.merge`).
-
-        Raises:
-            ValueError: with ``safe_merge``, if a check fails; nothing is merged.
-        """
-        if safe_merge:
-            self._check_merge_allowed()  # type: ignore[no-untyped-call]
-            self._check_safe_merge(adapter_names)
-        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
-
-    def _unload_and_optionally_merge(
-        self,
-        merge: bool = True,
-        progressbar: bool = False,
-        safe_merge: bool = False,
-        adapter_names: list[str] | None = None,
-    ) -> Any:
-        """PEFT's unload, with every layer checked first under ``safe_merge``.
-
-        Args:
-            merge: merge the adapters before unloading.
-            progressbar: show PEFT's progress bar.
-            safe_merge: check every layer before any is merged or unloaded.
-            adapter_names: the adapters to merge; the active ones if ``None``.
-
-        Returns:
-            The unloaded base model.
-        """
-        if merge and safe_merge:
-            self._check_merge_allowed()  # type: ignore[no-untyped-call]
-            self._check_safe_merge(adapter_names)
-        return super()._unload_and_optionally_merge(
-            merge=merge,
-            progressbar=progressbar,
-            safe_merge=safe_merge,
-            adapter_names=adapter_names,
-        )
-
-    @classmethod
-    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        """Map a model state-dict key to its checkpoint key by dropping the adapter name.
-
-        ``...q_proj.selora_units.<adapter>.lora_A.coefficients`` becomes
-        ``...q_proj.selora_units.lora_A.coefficients``; PEFT inverts this on
-        load (``_remap_adapter_state_dict_for_load``), which may put the
-        weights under another adapter name.
-
-        Args:
-            key: a key of the model's state dict.
-            adapter_name: the adapter being saved or loaded.
-
-        Returns:
-            The checkpoint key.
-        """
-        pattern = rf"(^|\.){re.escape(UNITS_ATTR)}\.{re.escape(adapter_name)}\."
-        new_key, count = re.subn(pattern, rf"\g<1>{UNITS_ATTR}.", key, count=1)
-        if count:
-            return new_key
-        default: str = super()._remove_adapter_name_from_key(key, adapter_name)
-        return default
 
 
 def register() -> None:

@@ -6,6 +6,12 @@ registers the built-in bases ``fft``, ``dct``, ``haar``, ``db4``, ``bior``
 resolves through :func:`get_basis` as well.
 """
 
+from selora.spectral_bases.basis_spec import (
+    BasisNotSavableError,
+    BasisSpec,
+    basis_spec,
+    build_basis,
+)
 from selora.spectral_bases.cosine import CosineTransform
 from selora.spectral_bases.fourier import FourierTransform
 from selora.spectral_bases.registry import (
@@ -36,6 +42,8 @@ from selora.spectral_bases.wavelet import (
 )
 
 __all__ = [
+    "BasisNotSavableError",
+    "BasisSpec",
     "BiorthogonalTransform",
     "CoifletTransform",
     "CosineTransform",
@@ -50,6 +58,8 @@ __all__ = [
     "WaveletName",
     "WaveletTransform",
     "basis_name",
+    "basis_spec",
+    "build_basis",
     "coefficient_budget",
     "get_basis",
     "kaiming_variance",

@@ -208,6 +208,32 @@ class InverseTransform(abc.ABC):
         """Return ``self(spectrum)`` after :meth:`check_output`."""
         return self.check_output(spectrum, self(spectrum))
 
+    def options(self) -> dict[str, Any]:
+        """Return the constructor keyword arguments that rebuild this instance.
+
+        Contract: ``get_basis(self.label(), **self.options())`` builds an
+        instance of exactly this class that computes the same transform and
+        declares equal options, and the options survive a JSON round trip
+        (``json.loads(json.dumps(options)) == options``: strings, finite
+        numbers, booleans, ``None``, lists and string-keyed dicts). A
+        checkpoint stores the basis as its name, class path and these options
+        (see :func:`~selora.spectral_bases.basis_spec`), so **a basis whose
+        constructor takes arguments must override this method**; otherwise it
+        would reload with its defaults, which :func:`basis_spec` detects and
+        refuses. An option equal to its default may be left out.
+
+        Example:
+            >>> class Rotation(InverseTransform):  # doctest: +SKIP
+            ...     def __init__(self, seed: int = 0) -> None:
+            ...         self.seed = seed
+            ...     def options(self) -> dict[str, Any]:
+            ...         return {"seed": self.seed}
+
+        Returns:
+            A new JSON-serialisable dict; ``{}`` by default (no constructor arguments).
+        """
+        return {}
+
     def label(self) -> str:
         """Return a human-readable name used in error messages."""
         return self.name or type(self).__name__

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pywt
@@ -300,6 +300,23 @@ class WaveletTransform(InverseTransform):
     def label(self) -> str:
         """Return the registered name, or the wavelet's name when built by fallback."""
         return self.name or self.wavelet
+
+    def options(self) -> dict[str, Any]:
+        """Return the constructor arguments that rebuild this basis from its label.
+
+        See :meth:`InverseTransform.options`. A basis built by a registered
+        name (``haar``, ``db4``, ...) declares its wavelet only when it differs
+        from the class' own (``HaarTransform(wavelet="sym4")``). A basis of no
+        registered name is labelled by its wavelet, which
+        ``get_basis(wavelet)`` resolves through the PyWavelets fallback, so the
+        label already says everything.
+
+        Returns:
+            ``{"wavelet": name}`` or ``{}``.
+        """
+        if self.name and self.wavelet != type(self).wavelet:
+            return {"wavelet": self.wavelet}
+        return {}
 
     def check_shape(self, m: int, n: int) -> None:
         """Refuse odd sizes: one DWT level halves each dimension.

@@ -101,7 +101,7 @@ def perturb(model: nn.Module, scale: float = 0.5, seed: int = 0) -> nn.Module:
     """Add Gaussian noise to every adapter parameter (so B != 0); returns ``model``."""
     gen = torch.Generator().manual_seed(seed)
     for _, layer in selora.adapter_layers(model):
-        for p in layer.adapter.parameters():
+        for p in layer.selora_units.parameters():
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
             p.add_((scale * noise).to(p.dtype))
     return model

@@ -22,7 +22,7 @@ def _wrapped(model: nn.Module) -> list[str]:
 def _check_frozen(model: nn.Module, saved: tuple[str, ...] = ()) -> None:
     """Only adapter parameters and those of modules_to_save train; all else is frozen."""
     for name, p in model.named_parameters():
-        in_adapter = ".adapter." in f".{name}"
+        in_adapter = ".selora_units." in f".{name}"
         in_saved = any(f".{s}." in f".{name}" for s in saved)
         assert p.requires_grad == (in_adapter or in_saved), name
 
@@ -113,7 +113,7 @@ def test_modules_to_save_become_trainable() -> None:
     assert model.lm_head.weight.requires_grad
     assert model.model.norm.weight.requires_grad
     expected = (
-        sum(p.numel() for n, p in model.named_parameters() if ".adapter." in n)
+        sum(p.numel() for n, p in model.named_parameters() if ".selora_units." in n)
         + model.lm_head.weight.numel()
         + model.model.norm.weight.numel()
     )
@@ -142,10 +142,12 @@ def test_unsupported_module_type_raises_naming_it() -> None:
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_injecting_twice_raises_and_unload_allows_again() -> None:
+def test_injecting_a_taken_name_raises_and_unload_allows_again() -> None:
     model = selora.inject(kit.TinyMLP(), SpectralAdapter())
-    with pytest.raises(ValueError, match="already holds a selora adapter"):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="already holds an adapter named 'default'"):
         selora.inject(model, SpectralAdapter(base="dora"))
+    assert model.state_dict().keys() == before.keys()
     selora.unload(model)
     selora.inject(model, SpectralAdapter(base="dora"))
     assert len(_wrapped(model)) == 3
@@ -198,11 +200,8 @@ class ScaledLoRA(AdaptationBase):
         a, b = unit.factors(x.dtype)
         return base_out + self._gain(unit) * low_rank_update(unit, x, a, b)
 
-    def merged_weight(self, unit: AdapterUnit, weight0: Tensor) -> Tensor:
-        return weight0 + self._gain(unit) * delta_weight(unit)
-
-    def unmerged_weight(self, unit: AdapterUnit, weight: Tensor) -> Tensor:
-        return weight - self._gain(unit) * delta_weight(unit)
+    def update(self, unit: AdapterUnit, weight0: Tensor | None) -> tuple[None, Tensor]:
+        return None, self._gain(unit) * delta_weight(unit)
 
 
 def test_user_registered_base_works_like_a_builtin(registered_base_cleanup: list[str]) -> None:

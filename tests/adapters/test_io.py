@@ -1,20 +1,37 @@
-"""Checkpoints: save_adapter / load_adapter / read_adapter."""
+"""Native checkpoints: save_adapter / load_adapter / read_adapter in selora's one format.
+
+Also the helpers of the other ``test_checkpoint_*`` files (a tiny MLP, an
+untouched-model check, tampering with a saved checkpoint).
+"""
 
 from __future__ import annotations
 
 import json
-import math
-import re
+import os
+import tempfile
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tiny_transformers as tt
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 import selora
-from selora import SpectralAdapter, SpectralLayer, inject, trainable_parameters
+from selora import SpectralAdapter, inject
+from selora.adapters import checkpoint_read
+from selora.adapters.checkpoint_format import (
+    FORMAT_VERSION,
+    HASH_KEY,
+    LOCATIONS_PREFIX,
+    PEFT_PREFIX,
+    SPECTRAL_FIELDS,
+    config_digest,
+    digest_tensor,
+)
 from selora.adapters.io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -23,34 +40,43 @@ from selora.adapters.io import (
     read_adapter,
     save_adapter,
 )
-from selora.spectral_bases import InverseTransform, SparseSpectrum, spectral_locations
+from selora.spectral_bases import SparseSpectrum
 
 transformers = pytest.importorskip("transformers")
 
 BASES = ["lora", "dora", "hira"]
-BASISES = ["fft", "dct", "haar", "db4", "bior", "coif", None]
+BASISES: list[str | None] = [*selora.list_bases(), None]
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def mlp(seed: int = 0, hidden: int = 32, dtype: torch.dtype = torch.float32) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(16, hidden), nn.ReLU(), nn.Linear(hidden, 16), nn.ReLU(), nn.Linear(16, 4)
-    ).to(dtype)
+class MLP(nn.Module):
+    """Three named linear layers and a head (sizes even: every wavelet basis fits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(16, 32)
+        self.lin1 = nn.Linear(32, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.relu(self.lin1(torch.relu(self.lin0(x)))))
 
 
-def llama(hidden: int = 32, seed: int = 0) -> nn.Module:
+def mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    config = tt.llama_config(hidden_size=hidden, vocab_size=100)
-    return transformers.LlamaForCausalLM(config).eval()
+    return MLP().eval()
+
+
+def llama(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(tt.llama_config(vocab_size=100)).eval()
 
 
 def gpt2(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    config = tt.gpt2_config(vocab_size=100, n_positions=16)
-    return transformers.GPT2LMHeadModel(config).eval()
+    return transformers.GPT2LMHeadModel(tt.gpt2_config(vocab_size=100, n_positions=16)).eval()
 
 
 def bert(seed: int = 0) -> nn.Module:
@@ -60,7 +86,7 @@ def bert(seed: int = 0) -> nn.Module:
 
 
 def perturb(model: nn.Module, seed: int = 7) -> None:
-    """Move every trainable tensor away from its init (so that B != 0)."""
+    """Move every trainable tensor away from its init."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -68,30 +94,80 @@ def perturb(model: nn.Module, seed: int = 7) -> None:
                 p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * 0.1)
 
 
-def run(model: nn.Module, x: Tensor) -> Tensor:
+X = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+TOKENS = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(3))
+
+
+def run(model: nn.Module, x: Tensor = X) -> Tensor:
     model.eval()
     with torch.no_grad():
         out = model(x)
     return out if isinstance(out, Tensor) else out.logits
 
 
-def snapshot(model: nn.Module) -> tuple[dict[str, Tensor], list[tuple[str, type]], list[bool]]:
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    types = [(n, type(m)) for n, m in model.named_modules()]
-    return state, types, [p.requires_grad for p in model.parameters()]
+def trained(adapter: SpectralAdapter, build: Any = mlp, seed: int = 7) -> nn.Module:
+    model = inject(build(), adapter)
+    perturb(model, seed)
+    return model.eval()
 
 
-def assert_untouched(model: nn.Module, before: tuple) -> None:
-    state, types, flags = snapshot(model)
-    assert types == before[1]
-    assert state.keys() == before[0].keys()
-    assert all(torch.equal(state[k], before[0][k]) for k in state)
-    assert flags == before[2]
-    assert not any(isinstance(m, SpectralLayer) for m in model.modules())
-    assert not hasattr(model, "selora_adapter")
+def snapshot(model: nn.Module) -> dict[str, Any]:
+    """Everything a failed load must leave as it was."""
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "modules": [(n, type(m)) for n, m in model.named_modules()],
+        "flags": [(n, p.requires_grad) for n, p in model.named_parameters()],
+        "adapters": dict(model.__dict__.get("selora_adapters") or {}),
+        "active": list(model.__dict__.get("selora_active_adapters") or []),
+        "spectra": [
+            (n, m.indices.clone(), m.scale_factor)
+            for n, m in model.named_modules()
+            if isinstance(m, SparseSpectrum)
+        ],
+        "hooks": [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()],
+    }
 
 
-TOKENS = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(3))
+def assert_untouched(model: nn.Module, before: dict[str, Any]) -> None:
+    after = snapshot(model)
+    assert after["modules"] == before["modules"]
+    assert after["state"].keys() == before["state"].keys()
+    for key, value in after["state"].items():
+        assert torch.equal(value, before["state"][key]), key
+    assert after["flags"] == before["flags"]
+    assert after["adapters"] == before["adapters"]
+    assert after["active"] == before["active"]
+    assert len(after["spectra"]) == len(before["spectra"])
+    for (n, idx, c), (n0, idx0, c0) in zip(after["spectra"], before["spectra"], strict=True):
+        assert n == n0 and torch.equal(idx, idx0) and c == c0, n
+    assert after["hooks"] == before["hooks"]
+
+
+def read_files(path: Path) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, str]]:
+    config = json.loads((path / CONFIG_NAME).read_text())
+    with safe_open(str(path / WEIGHTS_NAME), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    return config, tensors, metadata
+
+
+def write_files(
+    path: Path,
+    config: dict[str, Any],
+    tensors: dict[str, Tensor],
+    metadata: dict[str, str] | None = None,
+    *,
+    rehash: bool = False,
+) -> None:
+    """Write a (tampered) checkpoint; ``rehash`` makes its hashes match the new config."""
+    metadata = dict(metadata or {"format": "pt"})
+    if rehash:
+        digest = config_digest(config)
+        tensors = {**tensors, HASH_KEY: digest_tensor(digest)}
+        if "selora_config_sha256" in metadata:
+            metadata["selora_config_sha256"] = digest.hex()
+    (path / CONFIG_NAME).write_text(json.dumps(config))
+    save_file(tensors, str(path / WEIGHTS_NAME), metadata=metadata)
 
 
 # --------------------------------------------------------------------------- round trips
@@ -100,337 +176,321 @@ TOKENS = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(3
 @pytest.mark.parametrize("basis", BASISES)
 @pytest.mark.parametrize("base", BASES)
 def test_round_trip_is_bit_identical(tmp_path: Path, base: str, basis: str | None) -> None:
-    adapter = SpectralAdapter(basis=basis, base=base, r=4, alpha=8.0)
-    model = inject(mlp(), adapter)
-    perturb(model)
-    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
-    expected = run(model, x)
+    adapter = SpectralAdapter(basis=basis, base=base, r=4, alpha=8.0, init_weights=False)
+    model = trained(adapter)
+    expected = run(model)
+    assert not torch.allclose(expected, run(mlp()))
     save_adapter(model, tmp_path)
 
+    torch.manual_seed(1234)
+    after_seed = torch.random.get_rng_state()
     fresh = mlp()
-    torch.manual_seed(1234)  # the adapter of a fresh injection would differ
+    torch.random.set_rng_state(after_seed)
     assert load_adapter(fresh, tmp_path) is fresh
-    assert selora.adapters.adapter_config(fresh) == adapter
-    assert torch.equal(run(fresh, x), expected)
+    assert torch.equal(torch.random.get_rng_state(), after_seed)  # torch's RNG not advanced
+    assert selora.adapter_config(fresh) == adapter
+    assert torch.equal(run(fresh), expected)
 
 
 @pytest.mark.parametrize(
     ("build", "base", "basis"),
     [(llama, "lora", "fft"), (gpt2, "dora", None), (bert, "hira", "coif")],
+    ids=["llama", "gpt2-conv1d", "bert-modules-to-save"],
 )
-def test_round_trip_transformers(tmp_path: Path, build, base: str, basis: str | None) -> None:
+def test_round_trip_transformers(tmp_path: Path, build: Any, base: str, basis: str | None) -> None:
     adapter = SpectralAdapter(
         basis=basis,
         base=base,
         r=4,
         n_coeffs=None if basis is None else 20,
-        # BERT's head is (2, 32): too small for 20 coefficients
         exclude_modules=["classifier"] if build is bert else (),
+        modules_to_save=["classifier"] if build is bert else (),
     )
-    model = inject(build(), adapter)
-    perturb(model)
+    model = trained(adapter, build)
     expected = run(model, TOKENS)
     save_adapter(model, tmp_path)
-    torch.manual_seed(99)
     fresh = load_adapter(build(), tmp_path)
     assert torch.equal(run(fresh, TOKENS), expected)
+    if build is bert:
+        tensors = load_file(str(tmp_path / WEIGHTS_NAME))
+        assert f"{PEFT_PREFIX}classifier.weight" in tensors
+        assert fresh.classifier.weight.requires_grad  # modules_to_save: trainable again
 
 
-def test_load_into_model_holding_the_same_adapter(tmp_path: Path) -> None:
+def test_a_second_adapter_by_name(tmp_path: Path) -> None:
+    model = inject(mlp(), SpectralAdapter(basis="dct", r=4, init_weights=False), name="a")
+    inject(model, SpectralAdapter(basis="haar", base="dora", r=2, alpha=4.0), name="b")
+    perturb(model)
+    for name in ("a", "b"):
+        selora.set_adapter(model, name)
+        perturb(model, seed=len(name))
+    outs = {}
+    for name in ("a", "b"):
+        selora.set_adapter(model, name)
+        outs[name] = run(model)
+        save_adapter(model, tmp_path / name, name=name)
+    fresh = load_adapter(mlp(), tmp_path / "b", name="second")
+    load_adapter(fresh, tmp_path / "a", name="first")
+    assert list(fresh.selora_adapters) == ["second", "first"]
+    assert torch.equal(run(fresh), outs["b"])  # the first loaded stays active
+    selora.set_adapter(fresh, "first")
+    assert torch.equal(run(fresh), outs["a"])
+    with pytest.raises(ValueError, match="no selora adapter 'c'"):
+        save_adapter(model, tmp_path / "c", name="c")
+
+
+def test_load_into_a_model_holding_the_same_adapter(tmp_path: Path) -> None:
     adapter = SpectralAdapter(basis="dct", base="dora", r=4)
+    saved = trained(adapter)
+    save_adapter(saved, tmp_path)
     model = inject(mlp(), adapter)
-    perturb(model)
-    x = torch.randn(3, 16)
-    expected = run(model, x)
-    run(model, x)  # fill the eval cache of the target as well
-    save_adapter(model, tmp_path)
-    torch.manual_seed(5)
-    other = inject(mlp(), adapter)
-    run(other, x)
-    load_adapter(other, tmp_path)
-    assert torch.equal(run(other, x), expected)
-
-
-def test_bf16_round_trip_keeps_dtypes(tmp_path: Path) -> None:
-    model = inject(mlp(), SpectralAdapter(basis="fft", base="dora", r=4)).to(torch.bfloat16)
-    perturb(model)
-    x = torch.randn(3, 16).to(torch.bfloat16)
-    expected = run(model, x)
-    save_adapter(model, tmp_path)
-    stored = load_file(tmp_path / WEIGHTS_NAME)
-    assert {t.dtype for k, t in stored.items() if not k.startswith("__")} == {torch.bfloat16}
-    fresh = load_adapter(mlp(dtype=torch.bfloat16), tmp_path)
-    assert all(p.dtype == torch.bfloat16 for p in fresh.parameters())
-    assert torch.equal(run(fresh, x), expected)
-
-
-def test_modules_to_save_round_trip(tmp_path: Path) -> None:
-    adapter = SpectralAdapter(
-        basis="haar", r=4, target_modules=["query", "value"], modules_to_save=["classifier"]
-    )
-    model = inject(bert(), adapter)
-    assert model.classifier.weight.requires_grad
-    perturb(model)
-    expected = run(model, TOKENS)
-    save_adapter(model, tmp_path)
-    assert {"classifier.weight", "classifier.bias"} <= set(load_file(tmp_path / WEIGHTS_NAME))
-    fresh = load_adapter(bert(), tmp_path)
-    assert torch.equal(fresh.classifier.weight, model.classifier.weight)
-    assert torch.equal(run(fresh, TOKENS), expected)
-
-
-# --------------------------------------------------------------------------- file contents
-
-
-def test_file_holds_only_adapter_tensors_and_each_location_set_once(tmp_path: Path) -> None:
-    k = 10
-    model = inject(llama(), SpectralAdapter(basis="fft", r=4, n_coeffs=k))
-    save_adapter(model, tmp_path)
-    stored = load_file(tmp_path / WEIGHTS_NAME)
-    locations = {key: t for key, t in stored.items() if key.startswith("__locations__.")}
-    params = {key: t for key, t in stored.items() if key not in locations}
-    # Factor shapes (hidden 32, kv 16, intermediate 64, r 4): A is (4, 32) or (4, 64);
-    # B is (32, 4), (16, 4) or (64, 4): five distinct sets of k locations.
-    assert len(locations) == 5
-    assert all(t.dtype == torch.int32 and t.shape == (k,) for t in locations.values())
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    assert set(params) == set(trainable)
-    assert all(key.endswith(".coefficients") for key in params)
-    assert len(params) == 2 * 7 * 2  # 2 layers x 7 linears x 2 factors
-    assert not any("base_layer" in key for key in stored)
-    total = sum(t.numel() for t in stored.values())
-    assert total == trainable_parameters(model) + 5 * k
-    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
-    q = meta["modules"]["model.layers.0.self_attn.k_proj.adapter"]
-    assert q["layer"] == "model.layers.0.self_attn.k_proj"
-    assert (q["d_in"], q["d_out"]) == (32, 16)
-    assert q["factors"]["lora_B"]["shape"] == [16, 4]
-    assert q["factors"]["lora_B"]["n_coeffs"] == k
-    assert meta["adapter"] == model.selora_adapter.to_dict()
-    assert meta["selora_version"] == selora.__version__
-
-
-def test_dora_dense_saves_weights_and_magnitudes(tmp_path: Path) -> None:
-    model = inject(mlp(), SpectralAdapter(basis=None, base="dora", r=4))
-    save_adapter(model, tmp_path)
-    stored = load_file(tmp_path / WEIGHTS_NAME)
-    names = ("lora_A.weight", "lora_B.weight", "magnitude")
-    assert set(stored) == {f"{i}.adapter.{name}" for i in (0, 2, 4) for name in names}
-    assert sum(t.numel() for t in stored.values()) == trainable_parameters(model)
-
-
-def test_frozen_adapter_parameters_are_saved(tmp_path: Path) -> None:
-    model = inject(mlp(), SpectralAdapter(basis="dct", r=4))
-    model[0].adapter.lora_A.coefficients.requires_grad_(False)  # a frozen expert, say
-    save_adapter(model, tmp_path)
-    assert "0.adapter.lora_A.coefficients" in load_file(tmp_path / WEIGHTS_NAME)
-
-
-def test_read_adapter(tmp_path: Path) -> None:
-    adapter = SpectralAdapter(basis="db4", base="hira", r=4, seed=3)
-    model = inject(mlp(), adapter)
-    save_adapter(model, tmp_path)
-    config, tensors, meta = read_adapter(tmp_path)
-    assert config == adapter
-    assert torch.equal(
-        tensors["2.adapter.lora_B.coefficients"], model[2].adapter.lora_B.coefficients
-    )
-    key = meta["modules"]["2.adapter"]["factors"]["lora_A"]["locations"]
-    assert torch.equal(tensors[key].long(), model[2].adapter.lora_A.indices)
-
-
-# --------------------------------------------------------------------------- failures
-
-
-def test_mismatched_shapes_fail_and_change_nothing(tmp_path: Path) -> None:
-    save_adapter(inject(llama(), SpectralAdapter(basis="fft", r=4)), tmp_path)
-    other = llama(hidden=48)
+    assert load_adapter(model, tmp_path) is model
+    assert torch.equal(run(model), run(saved))
+    other = inject(mlp(), SpectralAdapter(basis="dct", base="dora", r=4, alpha=2.0))
     before = snapshot(other)
-    rng = torch.get_rng_state()
-    pattern = r"'model\.layers\.0\.self_attn\.q_proj'.*\(32, 32\).*\(48, 48\)"
-    with pytest.raises(AdapterCheckpointError, match=pattern):
-        load_adapter(other, tmp_path)
-    assert_untouched(other, before)
-    assert torch.equal(torch.get_rng_state(), rng)
-
-
-def test_mismatched_modules_to_save_fail_and_change_nothing(tmp_path: Path) -> None:
-    adapter = SpectralAdapter(basis="dct", r=4, modules_to_save=["4"], target_modules=["0", "2"])
-    save_adapter(inject(mlp(), adapter), tmp_path)
-    torch.manual_seed(0)
-    other = nn.Sequential(
-        nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 5)
-    )
-    before = snapshot(other)
-    with pytest.raises(AdapterCheckpointError, match=r"module '4'.*\(4,\).*\(5,\)"):
+    with pytest.raises(AdapterCheckpointError, match=r"differs in \['alpha'\]"):
         load_adapter(other, tmp_path)
     assert_untouched(other, before)
 
 
-def test_truncated_file_fails_naming_it(tmp_path: Path) -> None:
-    save_adapter(inject(mlp(), SpectralAdapter(basis="fft", r=4)), tmp_path)
-    weights = tmp_path / WEIGHTS_NAME
-    data = weights.read_bytes()
-    weights.write_bytes(data[: len(data) // 2])
-    model = mlp()
-    before = snapshot(model)
-    with pytest.raises(AdapterCheckpointError, match=re.escape(str(weights))):
-        load_adapter(model, tmp_path)
-    assert_untouched(model, before)
-
-
-def test_missing_checkpoint_fails_naming_it(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / CONFIG_NAME))):
-        load_adapter(mlp(), tmp_path)
-
-
-def test_model_with_another_adapter_is_refused(tmp_path: Path) -> None:
-    save_adapter(inject(mlp(), SpectralAdapter(basis="fft", r=4)), tmp_path)
-    model = inject(mlp(), SpectralAdapter(basis="dct", r=4))
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(AdapterCheckpointError, match=r"another adapter.*basis"):
-        load_adapter(model, tmp_path)
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
-
-
-def test_merged_model_is_refused(tmp_path: Path) -> None:
-    adapter = SpectralAdapter(basis="fft", r=4)
-    save_adapter(inject(mlp(), adapter), tmp_path)
-    model = selora.merge(inject(mlp(), adapter))
-    with pytest.raises(AdapterCheckpointError, match="unmerge"):
-        load_adapter(model, tmp_path)
-
-
-def test_save_needs_an_adapter(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="no selora adapter"):
-        save_adapter(mlp(), tmp_path)
-
-
-def test_load_keeps_eval_mode_and_global_rng(tmp_path: Path) -> None:
-    save_adapter(inject(mlp(), SpectralAdapter(basis="fft", r=4, dropout=0.1)), tmp_path)
-    model = mlp().eval()
-    rng = torch.get_rng_state()
-    load_adapter(model, tmp_path)
-    assert torch.equal(torch.get_rng_state(), rng)
-    assert not any(m.training for m in model.modules())
-
-
-# --------------------------------------------------------------------------- locations
-
-
-def test_stored_locations_override_regenerated_ones(tmp_path: Path) -> None:
-    adapter = SpectralAdapter(basis="fft", r=4, n_coeffs=12)
-    model = inject(mlp(), adapter)
-    perturb(model)
-    save_adapter(model, tmp_path)
-    weights = tmp_path / WEIGHTS_NAME
-    stored = load_file(weights)
-    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
-    key = meta["modules"]["0.adapter"]["factors"]["lora_A"]["locations"]  # shape (4, 16)
-    regenerated = spectral_locations((4, 16), 12, 0)
-    edited = torch.randperm(64, generator=torch.Generator().manual_seed(0))[:12].sort().values
-    assert not torch.equal(edited, regenerated)
-    stored[key] = edited.to(torch.int32)
-    save_file(stored, str(weights), metadata={"format": "pt"})
-
-    fresh = load_adapter(mlp(), tmp_path)
-    users = [m for m in fresh.modules() if isinstance(m, SparseSpectrum) and m.shape == (4, 16)]
-    assert users and all(torch.equal(m.indices, edited) for m in users)
-    assert all(m.indices.dtype == torch.int64 for m in users)
-    assert torch.equal(spectral_locations((4, 16), 12, 0), regenerated)  # cache untouched
-    # The loaded model computes what the original computes on the edited locations.
-    for m in model.modules():
-        if isinstance(m, SparseSpectrum) and m.shape == (4, 16):
-            m.indices = edited.clone()
-    x = torch.randn(3, 16)
-    assert torch.equal(run(fresh, x), run(model, x))
-    save_adapter(fresh, tmp_path / "again")
-    assert torch.equal(load_file(tmp_path / "again" / WEIGHTS_NAME)[key], stored[key])
-
-
-def test_bad_locations_are_rejected(tmp_path: Path) -> None:
-    save_adapter(inject(mlp(), SpectralAdapter(basis="fft", r=4, n_coeffs=12)), tmp_path)
-    weights = tmp_path / WEIGHTS_NAME
-    stored = load_file(weights)
-    key = next(k for k in stored if k.startswith("__locations__."))
-    stored[key] = torch.zeros(12, dtype=torch.int32)  # repeated indices
-    save_file(stored, str(weights))
-    model = mlp()
-    before = snapshot(model)
-    with pytest.raises(AdapterCheckpointError, match="repeated"):
-        load_adapter(model, tmp_path)
-    assert_untouched(model, before)
-
-
-# --------------------------------------------------------------------------- custom bases
-
-
-def test_unregistered_basis_needs_registration(tmp_path: Path) -> None:
-    class Identity(InverseTransform):
-        orthonormal = True
-
-        def inverse(self, spectrum: Tensor) -> Tensor:
-            return spectrum.clone()
-
-    model = inject(mlp(), SpectralAdapter(basis=Identity(), r=4))
-    perturb(model)
-    save_adapter(model, tmp_path)
-    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
-    assert meta["adapter"]["basis"] == "Identity"
-    assert meta["basis_class"].endswith("Identity")
-
-    fresh = mlp()
-    before = snapshot(fresh)
-    with pytest.raises(AdapterCheckpointError, match=r"'Identity'.*not registered"):
-        load_adapter(fresh, tmp_path)
-    assert_untouched(fresh, before)
-
-    selora.register_basis("Identity")(Identity)
-    try:
-        x = torch.randn(3, 16)
-        assert torch.equal(run(load_adapter(fresh, tmp_path), x), run(model, x))
-    finally:
-        selora.unregister_basis("Identity")
-
-
-def test_budget_is_checked_independently(tmp_path: Path) -> None:
-    model = inject(mlp(), SpectralAdapter(basis="dct", r=4, sparse_ratio=0.5))
-    save_adapter(model, tmp_path)
-    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
-    factor = meta["modules"]["2.adapter"]["factors"]["lora_A"]
-    assert factor["shape"] == [4, 32]
-    assert factor["n_coeffs"] == math.floor(0.5 * 4 * 32)
-
-
-# --------------------------------------------------------------------------- generic saving
-
-
-def test_xlora_frozen_experts_and_classifier_round_trip(tmp_path: Path) -> None:
-    if "xlora" not in selora.list_adapter_bases():
-        pytest.skip("X-LoRA is not available")
-    options = {"n_experts": 2, "freeze_experts": True}
-    model = inject(llama(), SpectralAdapter(basis="fft", base="xlora", r=4, base_options=options))
-    for name, p in model.named_parameters():  # perturb every adapter tensor, then freeze all
-        p.requires_grad_("experts" in name or "selora_" in name)
-    perturb(model)
-    model.requires_grad_(False)  # frozen experts and classifier must still be saved
+def test_xlora_saves_and_loads_natively(tmp_path: Path) -> None:
+    options = {
+        "n_experts": 3,
+        "top_k": 2,
+        "expert_adapters": [
+            {"basis": "fft", "r": 4, "seed": 1},
+            {"basis": "dct", "r": 4, "seed": 2, "n_coeffs": 20},
+            {"basis": None, "r": 4},
+        ],
+    }
+    adapter = SpectralAdapter(basis="fft", base="xlora", r=4, base_options=options)
+    model = trained(adapter, llama)
     expected = run(model, TOKENS)
     save_adapter(model, tmp_path)
-    stored = load_file(tmp_path / WEIGHTS_NAME)
-    adapter_keys = {n for n, _ in model.named_parameters() if "experts" in n or "selora_" in n}
-    assert {k for k in stored if not k.startswith("__locations__.")} == adapter_keys
-    torch.manual_seed(11)
+    tensors = load_file(str(tmp_path / WEIGHTS_NAME))
+    assert any(".experts.1.lora_A.coefficients" in k for k in tensors)
+    assert any("selora_xlora_classifier." in k for k in tensors)
     fresh = load_adapter(llama(), tmp_path)
     assert torch.equal(run(fresh, TOKENS), expected)
 
 
-def test_failed_injection_changes_nothing(tmp_path: Path) -> None:
-    save_adapter(inject(mlp(), SpectralAdapter(basis="haar", r=4)), tmp_path)
-    torch.manual_seed(0)  # the last layer's B factor would be (3, 4): odd, no wavelet fits it
-    model = nn.Sequential(
-        nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 3)
+# --------------------------------------------------------------------------- the format
+
+
+def test_config_is_what_peft_writes(tmp_path: Path) -> None:
+    adapter = SpectralAdapter(
+        basis="coif", base="dora", r=4, alpha=8.0, n_coeffs=12, seed=3, dropout=0.1
     )
+    save_adapter(trained(adapter), tmp_path)
+    config, _, _ = read_files(tmp_path)
+    assert config["peft_type"] == "SELORA" and config["selora_format_version"] == FORMAT_VERSION
+    assert config["basis_class"] == "selora.spectral_bases.wavelet.CoifletTransform"
+    assert config["basis_options"] == {}
+    for key in SPECTRAL_FIELDS:
+        value = adapter.to_dict()[key]
+        assert config[key] == (value or None if key.endswith(("_modules", "_save")) else value), key
+    pytest.importorskip("peft")
+    from peft import PeftConfig
+
+    from selora.integrations.peft import SeloraConfig
+
+    peft_side = SeloraConfig.from_spectral_adapter(adapter).to_dict()
+    assert set(config) == set(peft_side)
+    differ = {k for k in config if config[k] != peft_side[k]}
+    assert differ <= {"inference_mode", "peft_version"}  # PEFT's save sets inference_mode
+    loaded = PeftConfig.from_pretrained(str(tmp_path))
+    assert isinstance(loaded, SeloraConfig)
+    assert loaded.to_spectral_adapter() == adapter
+
+
+def test_tensor_layout(tmp_path: Path) -> None:
+    adapter = SpectralAdapter(basis="fft", r=4, n_coeffs=12)
+    model = trained(adapter)
+    save_adapter(model, tmp_path)
+    _, tensors, metadata = read_files(tmp_path)
+    units = sorted(k for k in tensors if ".selora_units." in k)
+    assert units == [
+        f"{PEFT_PREFIX}{layer}.selora_units.{factor}.coefficients"
+        for layer in ("head", "lin0", "lin1")
+        for factor in ("lora_A", "lora_B")
+    ]
+    locations = sorted(k for k in tensors if k.startswith(LOCATIONS_PREFIX))
+    # A: (4, 16), (4, 32), (4, 16); B: (32, 4), (16, 4), (4, 4): each distinct set once
+    assert locations == [
+        f"{LOCATIONS_PREFIX}{s}.12" for s in ("16x4", "32x4", "4x16", "4x32", "4x4")
+    ]
+    assert all(tensors[k].dtype == torch.int32 for k in locations)
+    assert set(tensors) == set(units) | set(locations) | {HASH_KEY}
+    digest = bytes(tensors[HASH_KEY].tolist())
+    assert metadata == {
+        "format": "pt",
+        "selora_format_version": str(FORMAT_VERSION),
+        "selora_config_sha256": digest.hex(),
+    }
+    config, _, _ = read_files(tmp_path)
+    assert digest == config_digest(config)
+
+
+def test_a_factor_with_its_own_locations_gets_an_override(tmp_path: Path) -> None:
+    adapter = SpectralAdapter(basis="dct", r=4, n_coeffs=10)
+    model = trained(adapter)
+    spectrum = model.lin0.selora_units["default"].lora_A  # (4, 16), like head's A
+    spectrum.set_locations(torch.arange(10) * 3)
+    expected = run(model)
+    save_adapter(model, tmp_path)
+    _, tensors, _ = read_files(tmp_path)
+    mine = torch.arange(10, dtype=torch.int32) * 3
+    theirs = model.head.selora_units["default"].lora_A.indices.to(torch.int32)
+    shared = tensors[f"{LOCATIONS_PREFIX}4x16.10"]
+    overrides = {
+        layer: tensors[key]
+        for layer in ("lin0", "head")
+        if (key := f"{PEFT_PREFIX}{layer}.selora_units.lora_A.locations") in tensors
+    }
+    assert len(overrides) == 1  # a tie: one of the two sets is the shared one
+    (layer, override), *_ = overrides.items()
+    assert torch.equal(override, mine if layer == "lin0" else theirs)
+    assert torch.equal(shared, theirs if layer == "lin0" else mine)
+    assert torch.equal(run(load_adapter(mlp(), tmp_path)), expected)
+
+
+def test_stored_locations_are_used_not_regenerated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from selora.spectral_bases import spectrum
+
+    model = trained(SpectralAdapter(basis="bior", base="hira", r=4, init_weights=False))
+    expected = run(model)
+    save_adapter(model, tmp_path)
+
+    def other_locations(shape: tuple[int, int], k: int, seed: int = 0) -> Tensor:
+        return torch.arange(k, dtype=torch.int64)  # what another NumPy might draw
+
+    monkeypatch.setattr(spectrum, "spectral_locations", other_locations)
+    assert torch.equal(run(load_adapter(mlp(), tmp_path)), expected)
+
+
+def test_read_adapter_touches_no_model(tmp_path: Path) -> None:
+    adapter = SpectralAdapter(basis="haar", r=4)
+    save_adapter(trained(adapter), tmp_path)
+    read, tensors, config = read_adapter(tmp_path)
+    assert read == adapter
+    assert HASH_KEY in tensors and config["basis"] == "haar"
+
+
+# --------------------------------------------------------------------------- safe to write
+
+
+def test_files_are_written_through_exclusive_temporary_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[str] = []
+    real = tempfile.mkstemp
+
+    def spy(*args: Any, **kwargs: Any) -> tuple[int, str]:
+        fd, name = real(*args, **kwargs)
+        made.append(name)
+        return fd, name
+
+    monkeypatch.setattr(tempfile, "mkstemp", spy)
+    outside = tmp_path / "outside.json"
+    outside.write_text("precious")
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / CONFIG_NAME).symlink_to(outside)  # a planted link is replaced, never followed
+    save_adapter(trained(SpectralAdapter(basis="fft", r=4)), target)
+    assert [Path(n).parent for n in made] == [target, target]
+    assert outside.read_text() == "precious"
+    assert not (target / CONFIG_NAME).is_symlink()
+    assert sorted(p.name for p in target.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert oct((target / WEIGHTS_NAME).stat().st_mode & 0o777) == oct(0o644)
+
+
+def test_an_unsavable_basis_writes_nothing(tmp_path: Path) -> None:
+    class Unregistered(selora.InverseTransform):
+        orthonormal = True
+
+        def inverse(self, spectrum: Tensor) -> Tensor:
+            return spectrum
+
+    model = trained(SpectralAdapter(basis=Unregistered(), r=4))
+    with pytest.raises(ValueError, match="not registered"):
+        save_adapter(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_reader_racing_a_writer_gets_one_of_the_saved_adapters(tmp_path: Path) -> None:
+    """Writer re-saves two adapters of equal shapes (alpha and coefficients differ)."""
+    versions = []
+    for alpha, seed in ((2.0, 1), (16.0, 2)):
+        model = trained(SpectralAdapter(basis="fft", r=4, alpha=alpha), seed=seed)
+        versions.append((model, run(model)))
+    save_adapter(versions[0][0], tmp_path)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        i = 0
+        try:
+            while not stop.is_set():
+                i += 1
+                save_adapter(versions[i % 2][0], tmp_path)
+        except BaseException as exc:  # reported by the reader's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    seen = set()
+    try:
+        for _ in range(60):
+            out = run(load_adapter(mlp(), tmp_path))
+            match = [i for i, (_, ref) in enumerate(versions) if torch.equal(out, ref)]
+            assert len(match) == 1, "a load mixed the two saves"
+            seen.add(match[0])
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors
+    assert seen == {0, 1}
+    assert sorted(os.listdir(tmp_path)) == [CONFIG_NAME, WEIGHTS_NAME]  # no temporary left
+
+
+def test_a_torn_pair_waits_then_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    save_adapter(trained(SpectralAdapter(basis="fft", r=4, alpha=2.0)), tmp_path / "a")
+    save_adapter(trained(SpectralAdapter(basis="fft", r=4, alpha=4.0)), tmp_path / "b")
+    (tmp_path / "b" / CONFIG_NAME).replace(tmp_path / "a" / CONFIG_NAME)
+    monkeypatch.setattr(checkpoint_read, "CONSISTENCY_TIMEOUT", 0.1)
+    model = mlp()
     before = snapshot(model)
-    with pytest.raises(ValueError, match="even"):
-        load_adapter(model, tmp_path)
+    with pytest.raises(AdapterCheckpointError, match="disagree"):
+        load_adapter(model, tmp_path / "a")
     assert_untouched(model, before)
+
+
+def test_the_native_door_never_imports_peft(tmp_path: Path) -> None:
+    """PEFT is optional: save_adapter writes PEFT's JSON, load_adapter reads it, without it."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys, torch
+from torch import nn
+import selora
+torch.manual_seed(0)
+adapter = selora.SpectralAdapter(r=2, init_weights=False)
+model = selora.inject(nn.Sequential(nn.Linear(8, 8)), adapter)
+selora.save_adapter(model, {str(tmp_path)!r})
+torch.manual_seed(0)
+fresh = selora.load_adapter(nn.Sequential(nn.Linear(8, 8)), {str(tmp_path)!r})
+x = torch.ones(1, 8)
+assert torch.equal(fresh(x), model(x))
+assert "peft" not in sys.modules, "peft was imported"
+"""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert config["peft_type"] == "SELORA"

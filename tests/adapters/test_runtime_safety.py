@@ -88,19 +88,19 @@ def _ema_swap(model: nn.Module) -> None:
 
 
 def _load_into_data(model: nn.Module) -> None:
-    state = {k: v * 1.5 for k, v in model.state_dict().items() if "adapter." in k}
+    state = {k: v * 1.5 for k, v in model.state_dict().items() if "selora_units." in k}
     own = dict(model.named_parameters())
     for key, value in state.items():
         own[key].data.copy_(value)
 
 
 def _load_state_dict(model: nn.Module) -> None:
-    state = {k: v * 1.5 for k, v in model.state_dict().items() if "adapter." in k}
+    state = {k: v * 1.5 for k, v in model.state_dict().items() if "selora_units." in k}
     model.load_state_dict(state, strict=False)
 
 
 def _load_state_dict_assign(model: nn.Module) -> None:
-    state = {k: v * 1.5 for k, v in model.state_dict().items() if "adapter." in k}
+    state = {k: v * 1.5 for k, v in model.state_dict().items() if "selora_units." in k}
     model.load_state_dict(state, strict=False, assign=True)
 
 
@@ -371,7 +371,7 @@ def test_peft_safe_merge_changes_nothing(poison: str) -> None:
 def test_load_state_dict_into_a_merged_model_is_refused() -> None:
     model = _model("dct")
     before = _base_weights(model)
-    state = {k: v * 1.5 for k, v in model.state_dict().items() if "adapter." in k}
+    state = {k: v * 1.5 for k, v in model.state_dict().items() if "selora_units." in k}
     selora.merge(model)
     with pytest.raises(RuntimeError, match="unmerge"):
         model.load_state_dict(state, strict=False)
@@ -400,10 +400,15 @@ def test_peft_load_state_dict_into_a_merged_adapter_is_refused() -> None:
     model = get_peft_model(
         kit.TinyMLP(), SeloraConfig(basis="dct", r=4, target_modules=["fc1", "fc2"])
     )
-    state = {k: v * 1.5 + 0.1 for k, v in get_peft_model_state_dict(model).items()}
+    state = {
+        k: v * 1.5 + 0.1 if v.is_floating_point() else v
+        for k, v in get_peft_model_state_dict(model).items()
+    }
     model.merge_adapter()
-    with pytest.raises(RuntimeError, match="unmerge"):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(selora.AdapterCheckpointError, match="unmerge"):
         set_peft_model_state_dict(model, state)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 @pytest.mark.parametrize("base", ["lora", "dora", "hira"])
@@ -550,7 +555,7 @@ def test_check_finite_names_the_tensor() -> None:
     model = _model("dct")
     selora.check_finite(model)  # all finite: no error
     _poison(model, "fc2", float("nan"))
-    with pytest.raises(ValueError, match=r"fc2\.adapter\.lora_B\.coefficients"):
+    with pytest.raises(ValueError, match=r"fc2\.selora_units\.default\.lora_B\.coefficients"):
         selora.check_finite(model)
 
 

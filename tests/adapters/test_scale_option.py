@@ -1,4 +1,4 @@
-"""The ``scale`` option: validated, saved in checkpoints, and old checkpoints load as "paper"."""
+"""The ``scale`` option: validated, saved in checkpoints, and never given a default at load."""
 
 from __future__ import annotations
 
@@ -67,29 +67,35 @@ def test_both_scales_give_the_same_model_at_init() -> None:
 def test_a_checkpoint_records_its_scale_and_reloads_it(tmp_path: Path, scale: str) -> None:
     model = _trained(SpectralAdapter(basis="fft", r=4, scale=scale))  # type: ignore[arg-type]
     save_adapter(model, tmp_path)
-    assert json.loads((tmp_path / CONFIG_NAME).read_text())["adapter"]["scale"] == scale
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["scale"] == scale
     fresh = load_adapter(_mlp(), tmp_path)
     assert selora.adapter_config(fresh).scale == scale
     x = torch.randn(4, 16)
     assert torch.equal(_out(fresh.eval(), x), _out(model, x))
 
 
-def test_a_checkpoint_without_scale_loads_as_paper(tmp_path: Path) -> None:
-    # What a checkpoint written before the option existed computed: c = 1.
+def test_a_checkpoint_without_scale_is_refused(tmp_path: Path) -> None:
+    # Before the option existed a checkpoint computed "paper"; a missing field is never
+    # given a default at load (a default that changes what a checkpoint computes).
     model = _trained(SpectralAdapter(basis="fft", r=4, scale="paper"))
     save_adapter(model, tmp_path)
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
-    del config["adapter"]["scale"]
+    del config["scale"]
     (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
-    assert read_adapter(tmp_path)[0].scale == "paper"
+    with pytest.raises(selora.AdapterCheckpointError, match="no 'scale'"):
+        read_adapter(tmp_path)
+    fresh = _mlp()
+    with pytest.raises(selora.AdapterCheckpointError, match="no 'scale'"):
+        load_adapter(fresh, tmp_path)
+    assert not any(isinstance(m, selora.SpectralLayer) for m in fresh.modules())
+
+
+def test_a_checkpoint_of_another_scale_is_another_adapter(tmp_path: Path) -> None:
+    save_adapter(_trained(SpectralAdapter(basis="fft", r=4, scale="paper")), tmp_path)
     x = torch.randn(4, 16)
-    fresh = load_adapter(_mlp(), tmp_path)
-    assert selora.adapter_config(fresh).scale == "paper"
-    assert torch.equal(_out(fresh.eval(), x), _out(model, x))
-    # and into a model that already holds the same ("paper") adapter
     same = inject(_mlp(), SpectralAdapter(basis="fft", r=4, scale="paper"))
-    assert torch.equal(_out(load_adapter(same, tmp_path).eval(), x), _out(model, x))
-    # a "lora" adapter is another adapter
+    expected = _out(_trained(SpectralAdapter(basis="fft", r=4, scale="paper")), x)
+    assert torch.equal(_out(load_adapter(same, tmp_path).eval(), x), expected)
     other = inject(_mlp(), SpectralAdapter(basis="fft", r=4))
     with pytest.raises(selora.AdapterCheckpointError, match=r"differs in \['scale'\]"):
         load_adapter(other, tmp_path)
@@ -112,9 +118,11 @@ def test_peft_config_carries_the_scale(tmp_path: Path) -> None:
     path = tmp_path / "old" / "adapter_config.json"
     saved = json.loads(path.read_text())
     assert saved["scale"] == "paper"
-    del saved["scale"]  # a config written before the option existed
-    path.write_text(json.dumps(saved))
     assert SeloraConfig.from_pretrained(str(tmp_path / "old")).scale == "paper"
+    del saved["scale"]  # never given a default at load
+    path.write_text(json.dumps(saved))
+    with pytest.raises(selora.AdapterCheckpointError, match="no 'scale'"):
+        SeloraConfig.from_pretrained(str(tmp_path / "old"))
 
 
 def test_xlora_experts_without_a_scale_take_the_adapter_scale() -> None:

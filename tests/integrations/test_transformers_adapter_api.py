@@ -85,3 +85,56 @@ def test_peft_hotswap_refuses_selora_saying_so(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="SELORA"):
         hotswap_adapter(model, str(tmp_path), adapter_name="default")
     assert torch.equal(logits(model, inputs()), before)  # refused before changing anything
+
+
+def _edit_file(path: Path, edit: object) -> None:
+    from safetensors.torch import load_file, save_file
+
+    file = path / "adapter_model.safetensors"
+    tensors = load_file(str(file))
+    edit(tensors)  # type: ignore[operator]
+    save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("door", ["transformers", "peft"])
+def test_every_loader_applies_the_stored_locations(tmp_path: Path, door: str) -> None:
+    """The locations come from the file, never from the seed: a set no generator would give loads."""
+    trained = get_peft_model(tiny_llama(), config("dct", "lora"))
+    perturb(trained)
+    spectra = [m for m in trained.modules() if type(m).__name__ == "SparseSpectrum"]
+    with torch.no_grad():  # stored sets that the seed does not regenerate
+        for spectrum in spectra:
+            spectrum.set_locations(spectrum.indices.flip(0).roll(3))
+    trained.eval()
+    ids = inputs()
+    expected = logits(trained, ids)
+    trained.save_pretrained(tmp_path)
+    if door == "peft":
+        model = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    else:
+        model = tiny_llama()
+        model.load_adapter(str(tmp_path))
+        model.eval()
+    assert torch.equal(logits(model, ids), expected)
+
+
+def test_transformers_load_adapter_refuses_a_base_weight_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    from selora import AdapterCheckpointError, SpectralLayer
+
+    trained = get_peft_model(tiny_llama(), config())
+    trained.save_pretrained(tmp_path)
+    _edit_file(
+        tmp_path,
+        lambda t: t.__setitem__(
+            "base_model.model.model.embed_tokens.weight", torch.full((100, 32), 7.0)
+        ),
+    )
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdapterCheckpointError, match="embed_tokens"):
+        model.load_adapter(str(tmp_path))
+    assert not any(isinstance(m, SpectralLayer) for m in model.modules())
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)

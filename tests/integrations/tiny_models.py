@@ -67,7 +67,7 @@ def perturb(model: nn.Module, seed: int = 0, scale: float = 0.05) -> None:
 def peft_to_selora_name(name: str, adapter_name: str = "default") -> str:
     """Map a PEFT-path parameter name to the name of the same tensor under selora.inject."""
     name = name.removeprefix("base_model.model.")
-    name = name.replace(f".selora_units.{adapter_name}.", ".adapter.")
+    name = name.replace(f".selora_units.{adapter_name}.", ".selora_units.default.")
     return name.replace(f".modules_to_save.{adapter_name}.", ".")
 
 

@@ -6,6 +6,13 @@ inverse transform, and the adjoint back to the ``k`` coefficients. Bases are
 interleaved within each repeat (in a rotating order, so none always runs
 first), and the median over repeats is reported, with ratios to ``fft``.
 
+A basis is a name (``db4``, ``db4-l2``, ``db2-boundary``, any PyWavelets
+name) or a name with constructor options, ``NAME:KEY=VALUE[,KEY=VALUE]``
+(``coif1:boundary=orthogonal,levels=2``). A shape a basis refuses is skipped
+(shown as ``-``). Building each spectrum (locations, scale constant) and its
+first step, which builds the basis' constants (wavelet plans; ptwt's
+boundary-filter matrices, once per length), are timed apart: ``first ms``.
+
 For comparison, ptwt's route for one wavelet is timed the same way: circular
 padding of the four quadrants, ``ptwt.waverec2``, centre crop (which gives the
 periodized transform exactly, see tests/spectral_bases/test_basis_oracles.py).
@@ -17,14 +24,18 @@ Run from the repository root::
 
     python benchmarks/bases.py
     python benchmarks/bases.py --shapes 32x4096 4096x32 --repeats 30 --json bases.json
+    python benchmarks/bases.py --quick --bases db2 db2-boundary db4 db4-l2 coif1:boundary=orthogonal
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pywt
 import torch
@@ -34,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from timing import interleaved_samples, medians_of, write_results
 
-from selora.spectral_bases import SparseSpectrum, list_bases
+from selora.spectral_bases import InverseTransform, SparseSpectrum, get_basis, list_bases
 
 Step = Callable[[], None]
 
@@ -45,6 +56,29 @@ def parse_shape(text: str) -> tuple[int, int]:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"shape must look like 32x4096; got {text!r}") from exc
     return m, n
+
+
+def parse_basis(text: str) -> tuple[str, InverseTransform]:
+    """``NAME`` or ``NAME:KEY=VALUE[,KEY=VALUE]`` (values read as JSON, else as strings)."""
+    name, _, rest = text.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"basis options look like key=value; got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return text, get_basis(name, **options)
+
+
+def accepts(basis: InverseTransform, m: int, n: int) -> bool:
+    try:
+        basis.check_shape(m, n)
+    except ValueError:
+        return False
+    return True
 
 
 def ptwt_periodized(spectrum: Tensor, wavelet: str) -> Tensor:
@@ -101,26 +135,40 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short run: shapes 16x512 512x16, 7 repeats of 3 steps, 1 warmup",
+    )
     args = parser.parse_args(argv)
+    if args.quick:
+        args.shapes, args.repeats, args.number, args.warmup = [(16, 512), (512, 16)], 7, 3, 1
 
     torch.set_num_threads(args.threads)
-    bases = args.bases or list_bases()
-    if "fft" not in bases:
-        bases = ["fft", *bases]
+    names = args.bases or list_bases()
+    if "fft" not in names:
+        names = ["fft", *names]
+    bases = dict(parse_basis(text) for text in names)
     torch.manual_seed(0)
 
     results: dict[str, dict[str, float]] = {}
     ratios: dict[str, dict[str, float]] = {}
-    labels: list[str] = []
+    first: dict[str, dict[str, float]] = {}
+    labels: list[str] = list(bases)
     for m, n in args.shapes:
         steps: dict[str, Step] = {}
+        first_steps: dict[str, float] = {}
         upstream = torch.randn(m, n)
-        for name in bases:
-            spectrum = SparseSpectrum((m, n), name, sparse_ratio=args.sparse_ratio)
-            steps[name] = make_step(spectrum, upstream)
+        for label, basis in bases.items():
+            if not accepts(basis, m, n):
+                continue
+            start = time.perf_counter()
+            spectrum = SparseSpectrum((m, n), basis, sparse_ratio=args.sparse_ratio)
+            steps[label] = make_step(spectrum, upstream)
+            steps[label]()
+            first_steps[label] = time.perf_counter() - start
         medians = medians_of(interleaved_samples(steps, args.repeats, args.warmup, args.number))
         ratio = {label: value / medians["fft"] for label, value in medians.items()}
-        labels = list(steps)
         if args.ptwt:
             label = f"ptwt:{args.ptwt}"
             spectrum = SparseSpectrum((m, n), args.ptwt, sparse_ratio=args.sparse_ratio)
@@ -128,12 +176,17 @@ def main(argv: list[str] | None = None) -> int:
             alone = medians_of(interleaved_samples(pair, args.repeats, args.warmup, args.number))
             medians[label] = alone[label]
             ratio[label] = alone[label] / alone["fft"]
-            labels.append(label)
+            if label not in labels:
+                labels.append(label)
         results[f"{m}x{n}"] = medians
         ratios[f"{m}x{n}"] = ratio
+        first[f"{m}x{n}"] = first_steps
 
     shape_keys = list(results)
-    header = f"{'basis':<12}" + "".join(f"{k + ' ms':>14}{'/fft':>8}" for k in shape_keys)
+    width = max(12, *(len(label) + 2 for label in labels))
+    header = f"{'basis':<{width}}" + "".join(
+        f"{k + ' ms':>14}{'/fft':>8}{'first ms':>10}" for k in shape_keys
+    )
     print(
         f"forward+backward of SparseSpectrum (float32, sparse_ratio={args.sparse_ratio}), "
         f"median of {args.repeats} x {args.number} steps, {torch.get_num_threads()} threads, "
@@ -142,10 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     for label in labels:
-        row = f"{label:<12}"
+        row = f"{label:<{width}}"
         for key in shape_keys:
+            if label not in results[key]:
+                row += f"{'-':>14}{'-':>8}{'-':>10}"
+                continue
             seconds = results[key][label]
-            row += f"{seconds * 1e3:>14.3f}{ratios[key][label]:>8.2f}"
+            cold = first[key].get(label)
+            cold_text = f"{cold * 1e3:>10.1f}" if cold is not None else f"{'':>10}"
+            row += f"{seconds * 1e3:>14.3f}{ratios[key][label]:>8.2f}{cold_text}"
         print(row)
 
     if args.json is not None:
@@ -157,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             "number": args.number,
             "seconds": results,
             "ratio_to_fft": ratios,
+            "first_step_seconds": first,
         }
         write_results(args.json, payload)
     return 0

@@ -31,24 +31,10 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from step import Holder
+from step import shared_linear as _shared
+
 import selora
-
-
-class Holder(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: Tensor) -> Tensor:
-        out: Tensor = self.layer(x)
-        return out
-
-
-def _shared(base: nn.Linear) -> nn.Linear:
-    with torch.device("meta"):
-        layer = nn.Linear(base.in_features, base.out_features)
-    layer.weight, layer.bias = base.weight, base.bias
-    return layer
 
 
 def _selora(base: nn.Linear, k: int, r: int) -> nn.Module:

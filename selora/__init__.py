@@ -3,25 +3,25 @@
 The two factors of an adapter are each the inverse transform of a sparse set
 of learnable spectral coefficients (FoRA, SeLoRA). Bases (Fourier, cosine,
 wavelets) live in :mod:`selora.spectral_bases`; bases of adaptation (LoRA,
-DoRA, HiRA, X-LoRA) in :mod:`selora.adapters`.
+DoRA, HiRA) in :mod:`selora.adapters`; X-LoRA, a model-level mixture of named
+adapters, in :mod:`selora.xlora`.
 """
 
+from selora import xlora
 from selora.adapters import (
     AdaptationBase,
     AdapterCheckpointError,
     SpectralAdapter,
     SpectralLayer,
     UnknownAdapterBaseError,
-    XLoRAClassifier,
-    XLoRALayer,
     active_adapters,
     adapter_config,
     adapter_layers,
+    add_weighted_adapter,
     check_finite,
     delete_adapter,
     disable_adapters,
     get_adapter_base,
-    get_xlora_classifier,
     inject,
     list_adapter_bases,
     load_adapter,
@@ -47,6 +47,7 @@ from selora.spectral_bases import (
     register_basis,
     unregister_basis,
 )
+from selora.xlora import XLoRAConfig, XLoRAModel
 
 __version__ = "0.1.0"
 
@@ -59,12 +60,13 @@ __all__ = [
     "SpectralLayer",
     "UnknownAdapterBaseError",
     "UnknownBasisError",
-    "XLoRAClassifier",
-    "XLoRALayer",
+    "XLoRAConfig",
+    "XLoRAModel",
     "__version__",
     "active_adapters",
     "adapter_config",
     "adapter_layers",
+    "add_weighted_adapter",
     "check_finite",
     "delete_adapter",
     "disable_adapters",
@@ -88,5 +90,5 @@ __all__ = [
     "unmerge",
     "unregister_base",
     "unregister_basis",
-    "get_xlora_classifier",
+    "xlora",
 ]

@@ -1,9 +1,9 @@
 """Bases of adaptation on top of the spectral bases: config, layers, model surgery, checkpoints.
 
-Importing it registers the built-in bases ``lora``, ``dora``, ``hira`` and ``xlora``.
+Importing it registers the built-in bases ``lora``, ``dora`` and ``hira``.
 """
 
-from selora.adapters import dora, hira, lora, xlora  # noqa: F401 - registers the built-in bases
+from selora.adapters import dora, hira, lora  # noqa: F401 - registers the built-in bases
 from selora.adapters.config import DEFAULT_SPARSE_RATIO, SpectralAdapter
 from selora.adapters.diagnostics import (
     check_finite,
@@ -38,7 +38,7 @@ from selora.adapters.registry import (
 )
 from selora.adapters.routing import BASE_NAME
 from selora.adapters.unit import AdapterUnit
-from selora.adapters.xlora import XLoRA, XLoRAClassifier, XLoRALayer, get_xlora_classifier
+from selora.adapters.weighted import add_weighted_adapter
 
 __all__ = [
     "BASE_NAME",
@@ -51,12 +51,10 @@ __all__ = [
     "SpectralLayer",
     "UnknownAdapterBaseError",
     "Update",
-    "XLoRA",
-    "XLoRAClassifier",
-    "XLoRALayer",
     "active_adapters",
     "adapter_config",
     "adapter_layers",
+    "add_weighted_adapter",
     "check_finite",
     "delete_adapter",
     "disable_adapters",
@@ -76,5 +74,4 @@ __all__ = [
     "unload",
     "unmerge",
     "unregister_base",
-    "get_xlora_classifier",
 ]

@@ -21,8 +21,6 @@ A checkpoint is a directory in PEFT's layout:
       ``magnitude``);
     * ``base_model.model.<module>.<tensor>``: a ``modules_to_save`` module
       (what PEFT's ``ModulesToSaveWrapper`` saves);
-    * ``base_model.model.<layer>.experts.<i>.<tensor>`` and
-      ``base_model.model.<...>selora_xlora_classifier.<tensor>``: X-LoRA;
     * ``selora.locations.<m>x<n>.<k>``: int32 flat row-major indices of the
       location set shared by the ``(m, n)`` factors with ``k`` coefficients
       (every factor of one shape shares :math:`\Omega`), each distinct set
@@ -46,6 +44,7 @@ import torch
 from torch import Tensor
 
 from selora.adapters.config import SpectralAdapter
+from selora.adapters.patterns import PATTERN_FIELDS
 from selora.spectral_bases import InverseTransform, basis_spec, build_basis, get_basis
 
 __all__ = [
@@ -60,6 +59,7 @@ __all__ = [
     "PEFT_TYPE_NAME",
     "PLACEMENT_FIELDS",
     "REQUIRED_FIELDS",
+    "SELECTION_FIELDS",
     "SPECTRAL_FIELDS",
     "UNITS_ATTR",
     "VERSION_FIELD",
@@ -104,8 +104,21 @@ SPECTRAL_FIELDS: tuple[str, ...] = (
     "scale",
     "init_weights",
     "autocast_adapter_dtype",
+    "rank_pattern",
+    "alpha_pattern",
+    "sparse_ratio_pattern",
+    "n_coeffs_pattern",
+    "use_rslora",
+    "layers_to_transform",
+    "layers_pattern",
+    "task_type",
 )
 """The fields of :class:`~selora.SpectralAdapter`, as ``adapter_config.json`` names them."""
+
+SELECTION_FIELDS: tuple[str, ...] = ("layers_to_transform", "layers_pattern", "task_type")
+"""Which modules are adapted or saved (PEFT's layer selection and task type); not hashed,
+like :data:`PLACEMENT_FIELDS`: they change where units sit (the tensor keys say it), not
+what a unit computes. The per-module patterns and ``use_rslora`` are hashed."""
 
 BASIS_FIELDS: tuple[str, ...] = ("basis_class", "basis_options")
 
@@ -114,9 +127,14 @@ PLACEMENT_FIELDS: tuple[str, ...] = ("target_modules", "exclude_modules", "modul
 becomes the matched names, task heads join ``modules_to_save``), and the tensor keys
 carry them (every targeted layer's tensors must be there, and no other)."""
 
+INIT_FIELDS: tuple[str, ...] = ("init_weights",)
+"""How a new adapter's tensors start; not hashed: a checkpoint's tensors replace them, so a
+model built with either value computes the same after loading (PEFT's tests load a
+``init_weights=False`` save into a model built with the default)."""
+
 HASHED_FIELDS: tuple[str, ...] = (
     VERSION_FIELD,
-    *(f for f in SPECTRAL_FIELDS if f not in PLACEMENT_FIELDS),
+    *(f for f in SPECTRAL_FIELDS if f not in PLACEMENT_FIELDS + SELECTION_FIELDS + INIT_FIELDS),
     *BASIS_FIELDS,
 )
 """The computation-defining fields :func:`config_digest` covers."""
@@ -236,7 +254,7 @@ def config_digest(config: Mapping[str, Any]) -> bytes:
 
     The digest of a canonical JSON text: sorted keys, no whitespace, sets as
     sorted lists, tuples as lists (in order: in ``base_options`` an order can
-    mean something, X-LoRA's experts say), every value put through a JSON
+    mean something), every value put through a JSON
     round trip first, so the config object a writer holds and the JSON a
     reader parses give the same digest. A missing field counts as ``null``.
     The placement fields are left out (:data:`PLACEMENT_FIELDS`).
@@ -384,10 +402,11 @@ def adapter_from_config(config: object, where: str) -> SpectralAdapter:
             values[key] = ()
         elif isinstance(value, list):
             values[key] = tuple(value)
-    if not isinstance(values["base_options"], dict):
-        raise AdapterCheckpointError(
-            f"{where}: base_options must be a JSON object; got {values['base_options']!r}"
-        )
+    for key in ("base_options", *PATTERN_FIELDS):
+        if not isinstance(values[key], dict):
+            raise AdapterCheckpointError(
+                f"{where}: {key} must be a JSON object; got {values[key]!r}"
+            )
     try:
         return SpectralAdapter(**values)
     except (TypeError, ValueError) as exc:

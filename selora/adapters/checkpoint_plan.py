@@ -256,7 +256,7 @@ def plan_load(
             )
         raise AdapterCheckpointError(
             f"{where}: tensor {key!r} (module {_module_of(key)!r}) belongs to no unit of "
-            f"{owner}, no modules_to_save module and no X-LoRA expert or classifier; only "
+            f"{owner} and no modules_to_save module; only "
             "adapter tensors are loaded (is it a base model weight?), nothing was changed"
         )
     missing = [key for key in targets if key not in tensors]

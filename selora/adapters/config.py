@@ -9,6 +9,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, get_args
 
+from selora.adapters.patterns import (
+    PATTERN_FIELDS,
+    check_layer_selection,
+    check_pattern,
+    check_task_type,
+    task_heads,
+)
 from selora.spectral_bases import InverseTransform, SpectrumScale, basis_name, get_basis
 
 __all__ = ["DEFAULT_SPARSE_RATIO", "SpectralAdapter"]
@@ -69,6 +76,13 @@ def _as_names(value: str | Sequence[str] | None, field_name: str) -> str | tuple
     return names
 
 
+def _as_list(value: object) -> list[Any] | None:
+    """A normalised layer selection (a tuple or ``None``) as JSON's list or ``None``."""
+    if value is None:
+        return None
+    return list(value) if isinstance(value, (tuple, list)) else [value]
+
+
 @dataclass(frozen=True)
 class SpectralAdapter:
     r"""A spectral adapter: which basis, which base of adaptation, where and how big.
@@ -106,7 +120,7 @@ class SpectralAdapter:
         dropout: dropout probability on the adapter's input, in ``[0, 1)``.
         seed: seeds the spectral locations; a non-negative integer.
         base_options: options of the base of adaptation, validated by it
-            (for example X-LoRA's number of experts).
+            (for example a user base's own settings).
         scale: how the spectral factors are scaled (``SpectrumScale``):
             ``"lora"`` (default) multiplies each factor by the constant
             :math:`c = \sqrt{mn / E}` of its basis' energy on the active set,
@@ -125,6 +139,30 @@ class SpectralAdapter:
             whatever the layer's dtype. ``False``: they take the layer's
             dtype (bfloat16 for a bfloat16 model); the transform still
             computes in float32 (:class:`~selora.InverseTransform`).
+        rank_pattern: PEFT's per-module ranks: name or regex -> ``r``. A key
+            matches a module whose full name ends with a dot-separated suffix
+            it fully matches (PEFT's ``get_pattern_key``); the first matching
+            key wins. See :mod:`selora.adapters.patterns`.
+        alpha_pattern: per-module ``alpha``, matched likewise.
+        sparse_ratio_pattern: per-module SeLoRA budget, matched likewise (the
+            module then takes ``sparse_ratio`` and no ``n_coeffs``).
+        n_coeffs_pattern: per-module FoRA budget, matched likewise (the module
+            then takes ``n_coeffs`` and no ``sparse_ratio``). A module matched
+            by both budget patterns is refused at injection. Both need a basis.
+        use_rslora: rank-stabilised scale :math:`\alpha / \sqrt r` instead of
+            :math:`\alpha / r` (with ``alpha=None``, :math:`\alpha = r`, so
+            :math:`\sqrt r`). Ignored by bases that use no scale (HiRA).
+        layers_to_transform: PEFT's layer selection: only modules whose layer
+            index is listed are adapted (an int or a list of ints). Needs a
+            list of ``target_modules`` names, as in PEFT.
+        layers_pattern: the name (or names) of the module list the layer index
+            follows (``"layers"``, ``"h"``); ``None``: the first number after a
+            name. Needs ``layers_to_transform``.
+        task_type: PEFT's task type (``"SEQ_CLS"``, ``"TOKEN_CLS"``,
+            ``"CAUSAL_LM"``, ...; ``None`` by default). ``SEQ_CLS`` and
+            ``TOKEN_CLS`` add ``"classifier"`` and ``"score"`` to
+            ``modules_to_save``, as PEFT's task models do: the head is trained
+            and saved, never adapted (``"all-linear"`` skips it).
 
     Raises:
         ValueError: naming the field, for any invalid value or combination.
@@ -145,6 +183,14 @@ class SpectralAdapter:
     scale: SpectrumScale = "lora"
     init_weights: bool = True
     autocast_adapter_dtype: bool = True
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    sparse_ratio_pattern: Mapping[str, float] = field(default_factory=dict)
+    n_coeffs_pattern: Mapping[str, int] = field(default_factory=dict)
+    use_rslora: bool = False
+    layers_to_transform: int | Sequence[int] | None = None
+    layers_pattern: str | Sequence[str] | None = None
+    task_type: str | None = None
 
     def __post_init__(self) -> None:
         # Imported here: the base registry imports this module for its types.
@@ -188,7 +234,7 @@ class SpectralAdapter:
         if not isinstance(self.scale, str) or self.scale not in get_args(SpectrumScale):
             allowed = list(get_args(SpectrumScale))
             raise _fail("scale", f"must be one of {allowed}; got {self.scale!r}")
-        for flag in ("init_weights", "autocast_adapter_dtype"):
+        for flag in ("init_weights", "autocast_adapter_dtype", "use_rslora"):
             if not isinstance(getattr(self, flag), bool):
                 raise _fail(flag, f"must be True or False; got {getattr(self, flag)!r}")
         targets = _as_names(self.target_modules, "target_modules")
@@ -198,8 +244,14 @@ class SpectralAdapter:
         object.__setattr__(
             self, "exclude_modules", _as_names(self.exclude_modules, "exclude_modules")
         )
+        task_type = check_task_type(self.task_type)
+        object.__setattr__(self, "task_type", task_type)
         saved = _as_names(self.modules_to_save, "modules_to_save")
-        object.__setattr__(self, "modules_to_save", saved if isinstance(saved, tuple) else (saved,))
+        saved = saved if isinstance(saved, tuple) else (saved,)
+        object.__setattr__(
+            self, "modules_to_save", tuple(dict.fromkeys(saved + task_heads(task_type)))
+        )
+        self._check_patterns(targets)
         if not isinstance(self.base_options, Mapping):
             raise _fail("base_options", f"expected a mapping; got {self.base_options!r}")
         options = dict(self.base_options)
@@ -208,6 +260,22 @@ class SpectralAdapter:
         except ValueError as exc:
             raise _fail("base_options", str(exc)) from None
         object.__setattr__(self, "base_options", _FrozenOptions(options))
+
+    def _check_patterns(self, targets: str | tuple[str, ...]) -> None:
+        for name in PATTERN_FIELDS:
+            patterns = check_pattern(getattr(self, name), name)
+            if (
+                patterns
+                and self.basis is None
+                and name in ("sparse_ratio_pattern", "n_coeffs_pattern")
+            ):
+                raise _fail(name, "a budget needs a spectral basis; basis=None gives dense factors")
+            object.__setattr__(self, name, _FrozenOptions(patterns))
+        layers, pattern = check_layer_selection(
+            self.layers_to_transform, self.layers_pattern, targets
+        )
+        object.__setattr__(self, "layers_to_transform", layers)
+        object.__setattr__(self, "layers_pattern", pattern)
 
     def _check_budget(self) -> None:
         if self.basis is None:
@@ -241,8 +309,15 @@ class SpectralAdapter:
 
     @property
     def scaling(self) -> float:
-        r"""The scale :math:`\alpha / r` of the update (1 when ``alpha`` is ``None``)."""
-        return 1.0 if self.alpha is None else float(self.alpha) / self.r
+        r"""The scale :math:`\alpha / r` of the update (1 when ``alpha`` is ``None``).
+
+        With ``use_rslora`` it is :math:`\alpha / \sqrt r` (:math:`\sqrt r` when
+        ``alpha`` is ``None``, which means :math:`\alpha = r`).
+        """
+        alpha = float(self.r) if self.alpha is None else float(self.alpha)
+        if self.use_rslora:
+            return alpha / math.sqrt(self.r)
+        return 1.0 if self.alpha is None else alpha / self.r
 
     @property
     def basis_label(self) -> str | None:
@@ -276,6 +351,11 @@ class SpectralAdapter:
             "scale": self.scale,
             "init_weights": self.init_weights,
             "autocast_adapter_dtype": self.autocast_adapter_dtype,
+            **{name: dict(getattr(self, name)) for name in PATTERN_FIELDS},
+            "use_rslora": self.use_rslora,
+            "layers_to_transform": _as_list(self.layers_to_transform),
+            "layers_pattern": _as_list(self.layers_pattern),
+            "task_type": self.task_type,
         }
 
     @classmethod

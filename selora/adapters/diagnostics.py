@@ -34,8 +34,8 @@ def check_finite(model: nn.Module) -> None:
 
     Checked: the parameters and floating-point buffers of every adapter unit
     (coefficients, dense factors, DoRA magnitudes), whichever front door put
-    them there (:func:`inject`, the PEFT bridge, X-LoRA's experts), and every
-    other trainable parameter (``modules_to_save``, X-LoRA's classifier). Not
+    them there (:func:`inject`, the PEFT bridge), and every other trainable
+    parameter (``modules_to_save``, a model-level wrapper's classifier). Not
     checked: the frozen base weights, activations, gradients and optimizer
     state. :func:`merge` with ``safe=True`` runs the same check. One
     ``isfinite`` pass over each tensor (:math:`O(k)` per factor).

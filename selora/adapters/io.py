@@ -21,7 +21,7 @@ import dataclasses
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -65,6 +65,7 @@ from selora.adapters.config import SpectralAdapter
 from selora.adapters.layer import SpectralLayer
 from selora.adapters.layer_types import frozen_weight, is_supported_layer
 from selora.adapters.model import ADAPTERS_ATTR, adapter_config, inject
+from selora.adapters.patterns import resolve_for_module
 from selora.adapters.unit import AdapterUnit
 from selora.spectral_bases import SparseSpectrum
 
@@ -79,11 +80,7 @@ __all__ = [
     "read_adapter",
     "read_checkpoint",
     "save_adapter",
-    "unit_plan",
 ]
-
-_CLASSIFIER_ATTR = "selora_xlora_classifier"
-
 
 # --------------------------------------------------------------------------- what an adapter owns
 
@@ -92,24 +89,13 @@ def _name_matches(name: str, wanted: str) -> bool:
     return name == wanted or name.endswith("." + wanted)
 
 
-def _is_xlora(adapter: SpectralAdapter) -> bool:
-    return adapter.base == "xlora"
+def _unit_tensors(model: nn.Module, name: str) -> Iterator[tuple[str, str, nn.Module]]:
+    """Yield ``(layer name, checkpoint prefix, unit)`` per unit of the adapter ``name``.
 
-
-def _unit_tensors(
-    model: nn.Module, name: str, adapter: SpectralAdapter
-) -> Iterator[tuple[str, str, nn.Module]]:
-    """Yield ``(layer name, checkpoint prefix, owner)`` per unit (or X-LoRA layer) of ``name``.
-
-    The owner's persistent state, keyed from the prefix, is what the checkpoint holds.
+    The unit's persistent state, keyed from the prefix, is what the checkpoint holds.
     """
     for layer_name, layer in model.named_modules():
-        if not isinstance(layer, SpectralLayer):
-            continue
-        if _is_xlora(adapter):
-            if isinstance(getattr(layer, "experts", None), nn.ModuleList):
-                yield layer_name, f"{PEFT_PREFIX}{layer_name}.", layer
-        elif name in layer.selora_units:
+        if isinstance(layer, SpectralLayer) and name in layer.selora_units:
             yield layer_name, f"{PEFT_PREFIX}{layer_name}.{UNITS_ATTR}.", layer.selora_units[name]
 
 
@@ -119,22 +105,16 @@ def _owned(
     """Return the adapter's tensors and sparse factors, by checkpoint key and stem."""
     tensors: dict[str, Tensor] = {}
     factors: dict[str, SparseSpectrum] = {}
-    for _, prefix, owner in _unit_tensors(model, name, adapter):
-        for key, tensor in owner.state_dict(keep_vars=True).items():
-            if not key.startswith(("base_layer.", f"{UNITS_ATTR}.")):
-                tensors[prefix + key] = tensor
-        for sub, module in owner.named_modules():
-            if isinstance(module, SparseSpectrum) and not sub.startswith("base_layer"):
+    for _, prefix, unit in _unit_tensors(model, name):
+        for key, tensor in unit.state_dict(keep_vars=True).items():
+            tensors[prefix + key] = tensor
+        for sub, module in unit.named_modules():
+            if isinstance(module, SparseSpectrum):
                 factors[prefix + sub] = module
     modules = [(n, m) for n, m in model.named_modules() if n]
     for wanted in adapter.modules_to_save:
         for module_name, module in modules:
             if _name_matches(module_name, wanted):
-                for key, tensor in module.state_dict(keep_vars=True).items():
-                    tensors[f"{PEFT_PREFIX}{module_name}.{key}"] = tensor
-    if _is_xlora(adapter):
-        for module_name, module in modules:
-            if module_name.rpartition(".")[2] == _CLASSIFIER_ATTR:
                 for key, tensor in module.state_dict(keep_vars=True).items():
                     tensors[f"{PEFT_PREFIX}{module_name}.{key}"] = tensor
     return tensors, factors
@@ -213,53 +193,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], name: str = "de
 # --------------------------------------------------------------------------- loading
 
 
-def unit_plan(
-    checkpoint: Checkpoint,
-    units: Mapping[str, AdapterUnit],
-    where: str,
-    *,
-    owner: str = "the units loaded",
-) -> LoadPlan:
-    """Check a plain adapter's checkpoint against other units (X-LoRA's experts), by layer name.
-
-    Args:
-        checkpoint: from :func:`read_checkpoint`.
-        units: layer name -> the unit its saved unit loads into.
-        where: for messages.
-        owner: what the units are, for messages.
-
-    Returns:
-        The :class:`~selora.adapters.checkpoint_plan.LoadPlan`; nothing is written
-        until it is applied (``apply_locations()``, then ``apply_copies()``).
-
-    Raises:
-        AdapterCheckpointError: if the checkpoint adapts other modules, a
-            tensor is missing, of another dtype or shape, a location set is
-            bad, or the checkpoint holds anything else (a modules_to_save head).
-    """
-    marker = f".{UNITS_ATTR}."
-    saved = {
-        key[len(PEFT_PREFIX) :].partition(marker)[0]
-        for key in checkpoint.tensors
-        if key.startswith(PEFT_PREFIX) and marker in key
-    }
-    if saved != set(units):
-        raise AdapterCheckpointError(
-            f"{where}: the checkpoint must adapt the same modules as {owner}; missing "
-            f"{sorted(set(units) - saved)[:5]}, not adapted here {sorted(saved - set(units))[:5]}"
-        )
-    targets: dict[str, Tensor] = {}
-    factors: dict[str, SparseSpectrum] = {}
-    for layer_name, unit in units.items():
-        prefix = f"{PEFT_PREFIX}{layer_name}{marker}"
-        for key, tensor in unit.state_dict(keep_vars=True).items():
-            targets[prefix + key] = tensor
-        for sub, module in unit.named_modules():
-            if isinstance(module, SparseSpectrum):
-                factors[prefix + sub] = module
-    return plan_load(checkpoint.tensors, targets, factors, where, owner=owner)
-
-
 def _fit_modules_to_save(adapter: SpectralAdapter, model: nn.Module) -> SpectralAdapter:
     """Drop the ``modules_to_save`` entries no module of ``model`` matches.
 
@@ -291,8 +224,13 @@ def _precheck(model: nn.Module, checkpoint: Checkpoint, adapter: SpectralAdapter
             by_layer.setdefault(layer, {})[rel] = tensor
     if not by_layer:
         raise AdapterCheckpointError(f"{where} holds no adapter unit tensors")
-    r, sparse = adapter.r, adapter.basis is not None
+    sparse = adapter.basis is not None
     for layer, rels in by_layer.items():
+        try:
+            spec = resolve_for_module(adapter, layer)  # this module's r and budget
+        except ValueError as exc:
+            raise AdapterCheckpointError(f"{where}: {exc}") from None
+        r = spec.r
         try:
             module = model.get_submodule(layer)
         except AttributeError:
@@ -309,7 +247,7 @@ def _precheck(model: nn.Module, checkpoint: Checkpoint, adapter: SpectralAdapter
             )
         for fname, shape in (("lora_A", (r, d_in)), ("lora_B", (d_out, r))):
             stem = f"{PEFT_PREFIX}{layer}{marker}{fname}"
-            k = expected_budget(adapter, shape, f"{where}: module {layer!r}, {fname}")
+            k = expected_budget(spec, shape, f"{where}: module {layer!r}, {fname}")
             rel, want = (f"{fname}.coefficients", (k,)) if sparse else (f"{fname}.weight", shape)
             key = f"{stem}.{rel.partition('.')[2]}"
             found = rels.get(rel)
@@ -405,8 +343,7 @@ def load_adapter(
             ),
         )
         return model
-    if not _is_xlora(adapter):
-        _precheck(model, checkpoint, adapter)
+    _precheck(model, checkpoint, adapter)
     snapshot = snapshot_model(model)
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
     try:

@@ -6,7 +6,9 @@ r"""THE adapted layer: one frozen base layer and any number of named adapter uni
 ``nn.ModuleDict`` ``selora_units`` and carries PEFT's tuner-layer semantics
 (active adapters, enable / disable, merge / unmerge / safe merge, delete, mixed
 batches), written once: :func:`selora.inject`, the PEFT bridge (whose
-``SeloraLinear`` is this class plus PEFT's marker mixin) and X-LoRA use it.
+``SeloraLinear`` is this class plus PEFT's marker mixin) and model-level
+wrappers that mix named adapters per token (:class:`~selora.adapters.routing.Mixture`)
+use it.
 
 The output with active adapters :math:`i` is the frozen output plus each
 adapter's update, all computed against :math:`W_0`:
@@ -40,8 +42,9 @@ from selora.adapters.layer_types import (
     is_supported_layer,
     quantized_layer_error,
 )
+from selora.adapters.patterns import resolve_for_module
 from selora.adapters.registry import Update
-from selora.adapters.routing import BASE_NAME, current_routing
+from selora.adapters.routing import BASE_NAME, Mixture, current_mixture, current_routing
 from selora.adapters.unit import AdapterUnit
 
 __all__ = [
@@ -270,6 +273,11 @@ class SpectralLayer(nn.Module):
     def make_unit(self, adapter_name: str, adapter: SpectralAdapter) -> AdapterUnit:
         """Build (without adding) the unit ``adapter_name`` would get on this layer.
 
+        The adapter's per-module patterns (``rank_pattern``, ``alpha_pattern``,
+        budget patterns) are applied for this layer's :attr:`name`
+        (:func:`~selora.adapters.patterns.resolve_for_module`); the unit holds
+        the resolved adapter.
+
         Args:
             adapter_name: the adapter's name.
             adapter: the adapter description.
@@ -282,6 +290,7 @@ class SpectralLayer(nn.Module):
         """
         weight0 = frozen_weight(self.get_base_layer())
         where = f"{self.name}.{UNITS_ATTR}.{adapter_name}" if self.name else adapter_name
+        adapter = resolve_for_module(adapter, self.name)  # rank / alpha / budget patterns
         unit = AdapterUnit(adapter, self.in_features, self.out_features, weight0, name=where)
         return unit.train(self.training)
 
@@ -405,6 +414,9 @@ class SpectralLayer(nn.Module):
                 self.unmerge()
             out: Tensor = base_layer(x, *args, **kwargs)
             return out
+        mixture = current_mixture()
+        if mixture is not None:
+            return self._mixture_forward(x, mixture, *args, **kwargs)
         if adapter_names is not None:
             return self._mixed_batch_forward(x, list(adapter_names), *args, **kwargs)
         base_out: Tensor = base_layer(x, *args, **kwargs)
@@ -424,6 +436,34 @@ class SpectralLayer(nn.Module):
                 out = unit(x, base_out, weight0, bias)
             else:
                 out = out + (unit(x, base_out, weight0, bias) - base_out)
+        return out
+
+    def _mixture_forward(self, x: Tensor, mixture: Mixture, *args: Any, **kwargs: Any) -> Tensor:
+        r"""Return :math:`W_0 x + b + \sum_i g_i(x)\,(f_i(x) - (W_0 x + b))` (see :class:`Mixture`).
+
+        Raises:
+            ValueError: while an adapter is merged (the frozen output would hold it).
+        """
+        if self.merged_adapters:
+            raise ValueError(
+                f"{self.name or 'this layer'}: cannot mix adapters while {self.merged_adapters} "
+                "are merged; unmerge first"
+            )
+        base_layer = self._modules["base_layer"]
+        assert base_layer is not None
+        base_out: Tensor = base_layer(x, *args, **kwargs)
+        units = self.selora_units._modules
+        held = [(i, units[n]) for i, n in enumerate(mixture.names) if units.get(n) is not None]
+        if not held:
+            return base_out
+        gates = mixture.gates(self, x)
+        weight0 = frozen_weight(base_layer)
+        bias = getattr(base_layer, "bias", None)
+        out = base_out
+        for i, unit in held:
+            assert unit is not None
+            delta = unit(x, base_out, weight0, bias) - base_out
+            out = out + gates[..., i : i + 1].to(delta.dtype) * delta
         return out
 
     def _mixed_batch_forward(

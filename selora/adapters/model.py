@@ -34,7 +34,12 @@ from selora.adapters.layer_types import (
     quantized_layer_error,
 )
 from selora.adapters.model_hooks import attach_model_hooks, detach_model_hooks
-from selora.adapters.registry import AdaptationBase, get_adapter_base
+from selora.adapters.patterns import (
+    in_modules_to_save,
+    layer_selected,
+    saved_modules,
+    warn_unmatched_patterns,
+)
 from selora.adapters.routing import BASE_NAME
 from selora.adapters.unit import AdapterUnit
 
@@ -94,12 +99,22 @@ def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def _is_target(name: str, adapter: SpectralAdapter, skip: set[str], module: nn.Module) -> bool:
+    # PEFT's check_target_module_exists: a modules_to_save module (or one inside it) is
+    # never adapted; layers_to_transform filters suffix matches, not exact full names.
     targets = adapter.target_modules
-    if name in skip or _name_matches(name, adapter.exclude_modules):
+    if (
+        name in skip
+        or _name_matches(name, adapter.exclude_modules)
+        or in_modules_to_save(name, adapter.modules_to_save)
+    ):
         return False
     if targets == "all-linear":
         return isinstance(module, SpectralLayer) or is_supported_layer(module)
-    return _name_matches(name, targets)
+    if isinstance(targets, str) or name in targets:
+        return _name_matches(name, targets)
+    return _name_matches(name, targets) and layer_selected(
+        name, adapter.layers_to_transform, adapter.layers_pattern
+    )
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -146,6 +161,7 @@ def _matched(model: nn.Module, adapter: SpectralAdapter) -> list[tuple[str, nn.M
             UserWarning,
             stacklevel=3,
         )
+    warn_unmatched_patterns(adapter, [n for n, _ in matched])
     for name, module in matched:
         if isinstance(module, SpectralLayer):
             continue
@@ -160,17 +176,14 @@ def _matched(model: nn.Module, adapter: SpectralAdapter) -> list[tuple[str, nn.M
 
 
 def _build(
-    matched: list[tuple[str, nn.Module]], adapter: SpectralAdapter, name: str, base: AdaptationBase
+    matched: list[tuple[str, nn.Module]], adapter: SpectralAdapter, name: str
 ) -> list[tuple[str, nn.Module, AdapterUnit | None]]:
     """Build every new wrapper or unit before the model is touched (errors name the module)."""
     built: list[tuple[str, nn.Module, AdapterUnit | None]] = []
-    custom = type(base).wrap is not AdaptationBase.wrap
     for module_name, module in matched:
         try:
             if isinstance(module, SpectralLayer):
                 built.append((module_name, module, module.make_unit(name, adapter)))
-            elif custom:
-                built.append((module_name, base.wrap(module_name, module, adapter), None))
             else:
                 layer = SpectralLayer(module, adapter, name=module_name, adapter_name=name)
                 built.append((module_name, layer, None))
@@ -209,8 +222,7 @@ def inject(model: nn.Module, adapter: SpectralAdapter, name: str = "default") ->
             targets (the message lists the candidate layers seen); if a
             ``modules_to_save`` name matches nothing; if a target cannot be
             adapted (a budget larger than a factor, an odd size for a wavelet
-            basis: the message names the module); for an X-LoRA adapter beside
-            another adapter.
+            basis: the message names the module).
         TypeError: if a matched module is of an unsupported type, or quantized
             (the message names the module and its type).
 
@@ -221,31 +233,16 @@ def inject(model: nn.Module, adapter: SpectralAdapter, name: str = "default") ->
     """
     _check_name(name, model)
     registry = _registry(model)
-    base = get_adapter_base(adapter.base)()
-    custom = type(base).wrap is not AdaptationBase.wrap
-    if registry and (
-        custom
-        or any(get_adapter_base(a.base).wrap is not AdaptationBase.wrap for a in registry.values())
-    ):
-        raise ValueError(
-            f"{type(model).__name__}: an X-LoRA adapter (a base with its own layers) must be the "
-            "only adapter of a model; unload() the other first"
-        )
     if not registry and any(isinstance(m, SpectralLayer) for m in model.modules()):
         raise ValueError(
             f"{type(model).__name__} holds selora layers but no adapter registry (adapted by "
             "the PEFT bridge?); use that front door, or unload() first"
         )
     matched = _matched(model, adapter)
-    saved = []
-    for wanted in adapter.modules_to_save:
-        found = [m for n, m in _candidates(model) if _name_matches(n, (wanted,))]
-        if not found:
-            raise ValueError(f"modules_to_save entry {wanted!r} matches no module")
-        saved.extend(found)
+    saved = saved_modules(list(_candidates(model)), adapter, type(model).__name__)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        built = _build(matched, adapter, name, base)
+        built = _build(matched, adapter, name)
     except BaseException:
         for p, flag in flags:  # a wrapper built before the failure froze its base layer
             p.requires_grad_(flag)
@@ -273,8 +270,6 @@ def inject(model: nn.Module, adapter: SpectralAdapter, name: str = "default") ->
     if first:
         model.__dict__[_ACTIVE_ATTR] = [name]
         attach_model_hooks(model)
-    if custom:
-        base.prepare_model(model, adapter)
     return model
 
 
@@ -406,8 +401,8 @@ def merge(model: nn.Module, names: Sequence[str] | None = None, *, safe: bool = 
     Raises:
         ValueError: for a name the model does not hold; with ``safe``, if a
             check fails, naming the layer (and the tensor, for a non-finite one).
-        RuntimeError: if a base of adaptation cannot be merged (X-LoRA); with
-            ``safe``, before anything is written.
+        RuntimeError: if a base of adaptation cannot be merged (registered with
+            ``mergeable=False``); with ``safe``, before anything is written.
     """
     wanted = active_adapters(model) if names is None else list(names)
     for name in wanted:
@@ -441,21 +436,34 @@ def unload(model: nn.Module, *, merge_weights: bool = True) -> nn.Module:
     Args:
         model: an adapted model.
         merge_weights: merge the active adapters first (``False`` restores the
-            base model). Layers that cannot be merged (X-LoRA's) are put back
-            unmerged.
+            base model). An active adapter whose base of adaptation was
+            registered with ``mergeable=False`` is not merged: its layers are
+            put back without it (with a warning).
 
     Returns:
         ``model`` with no selora module left in it.
+
+    Warns:
+        UserWarning: with ``merge_weights``, naming the active adapters that
+            cannot be merged and were dropped.
     """
+    dropped: set[str] = set()
     for name, layer in list(adapter_layers(model)):
         layer.unmerge()
-        if merge_weights and getattr(layer, "mergeable", True):  # X-LoRA: never mergeable
-            layer.merge()
+        if merge_weights:
+            active = [n for n in layer.active_adapters if n in layer.selora_units]
+            mergeable = [n for n in active if layer.unit(n).base.mergeable]
+            dropped.update(set(active) - set(mergeable))
+            if mergeable:
+                layer.merge(adapter_names=mergeable)
         _set_submodule(model, name, layer.base_layer)
-    for module in model.modules():
-        unload_hook = getattr(module, "selora_unload", None)
-        if callable(unload_hook):
-            unload_hook()
+    if dropped:
+        warnings.warn(
+            f"unload: adapters {sorted(dropped)} cannot be merged (their base of adaptation is "
+            "registered with mergeable=False); the plain layers were put back without them",
+            UserWarning,
+            stacklevel=2,
+        )
     for attr in (ADAPTERS_ATTR, _ACTIVE_ATTR):
         model.__dict__.pop(attr, None)
     detach_model_hooks(model)

@@ -4,6 +4,8 @@
   out of the call, checks it with PEFT's rules and routes the rows for the
   duration of that call (:mod:`selora.adapters.routing`); a forward hook that
   runs even when the forward raises ends the routing.
+* A training forward with gradients forms every spectral factor of the call in
+  one batched transform per group (:mod:`selora.adapters.factor_batch`).
 * ``model.save_pretrained``: a transformers model adapted in place would write
   the wrapped layers' keys (``...base_layer.weight``, ``...selora_units...``)
   that transformers cannot read back, so it reloads with re-initialised
@@ -12,13 +14,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from selora.adapters.routing import _ROUTING, check_adapter_names
+from selora.adapters.factor_batch import active_spectra, formed_factors
+from selora.adapters.routing import check_adapter_names, routed
 
 __all__ = ["attach_model_hooks", "detach_model_hooks"]
 
@@ -48,22 +53,27 @@ class _Routing:
         self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         names = kwargs.pop("adapter_names", None)
-        if names is None:
-            self._stack().append(None)
-            return args, kwargs
-        from selora.adapters.model import adapter_layers
+        call = contextlib.ExitStack()
+        try:
+            if names is not None:
+                from selora.adapters.model import adapter_layers
 
-        known = list(model.__dict__.get("selora_adapters", {}))
-        merged = any(layer.merged for _, layer in adapter_layers(model))
-        checked = check_adapter_names(names, known, training=model.training, merged=merged)
-        self._stack().append(_ROUTING.set(checked))
+                known = list(model.__dict__.get("selora_adapters", {}))
+                merged = any(layer.merged for _, layer in adapter_layers(model))
+                checked = check_adapter_names(names, known, training=model.training, merged=merged)
+                call.enter_context(routed(checked))
+            elif model.training and torch.is_grad_enabled():
+                call.enter_context(formed_factors(active_spectra(model)))
+        except BaseException:
+            call.close()
+            raise
+        self._stack().append(call)
         return args, kwargs
 
     def after(self, model: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         stack = self._stack()
-        token = stack.pop() if stack else None
-        if token is not None:
-            _ROUTING.reset(token)
+        if stack:
+            stack.pop().close()
 
 
 class _SaveGuard:

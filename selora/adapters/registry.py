@@ -13,12 +13,11 @@ import abc
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from selora._names import UnknownNameError, unknown_name
 
 if TYPE_CHECKING:
-    from selora.adapters.config import SpectralAdapter
     from selora.adapters.unit import AdapterUnit
 
 __all__ = [
@@ -41,7 +40,7 @@ class UnknownAdapterBaseError(UnknownNameError):
 
 
 class AdaptationBase(abc.ABC):
-    r"""Contract of a base of adaptation.
+    r"""Contract of a base of adaptation: one layer's factors in, its output and merge update out.
 
     A base is stateless: its parameters beyond the two factors (a DoRA
     magnitude, say) are created by :meth:`setup` on the :class:`AdapterUnit`,
@@ -133,31 +132,6 @@ class AdaptationBase(abc.ABC):
         scale, shift = self.update(unit, weight0)
         merged = weight0 if scale is None else weight0 + weight0 * scale.to(weight0.dtype)
         return merged if shift is None else merged + shift.to(weight0.dtype)
-
-    def wrap(self, name: str, module: nn.Module, adapter: SpectralAdapter) -> nn.Module:
-        """Return the module that replaces a targeted layer (a :class:`SpectralLayer`).
-
-        Bases with a different per-layer structure (several experts) override it.
-
-        Args:
-            name: the module's full name in the model (for error messages).
-            module: the targeted ``nn.Linear`` or ``Conv1D``.
-            adapter: the adapter description.
-
-        Returns:
-            The wrapping module.
-        """
-        from selora.adapters.layer import SpectralLayer
-
-        return SpectralLayer(module, adapter, name=name)
-
-    def prepare_model(self, model: nn.Module, adapter: SpectralAdapter) -> None:  # noqa: B027
-        """Hook called once after every target was wrapped (model-level extras).
-
-        Args:
-            model: the adapted model.
-            adapter: the adapter description.
-        """
 
 
 _B = TypeVar("_B", bound=type[AdaptationBase])

@@ -3,7 +3,7 @@ r"""One adapter on one layer: :class:`AdapterUnit`, the factors and the extras o
 A unit holds :math:`\tilde A` ``(r, d_in)`` and :math:`\tilde B` ``(d_out, r)`` (each a
 :class:`~selora.SparseSpectrum` or a dense factor) and whatever its base of
 adaptation adds (DoRA's magnitude). :class:`~selora.SpectralLayer` holds any
-number of named units around one frozen layer; X-LoRA's experts are units too.
+number of named units around one frozen layer.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from selora.adapters.config import SpectralAdapter
+from selora.adapters.factor_batch import prebuilt
 from selora.adapters.factor_cache import CacheEntry, cache_key, unchanged
 from selora.adapters.factors import DenseFactor, Factor, make_factor
 from selora.adapters.layer_types import compute_dtype
@@ -159,9 +160,14 @@ class AdapterUnit(nn.Module):
             or self.finite_checks
             or (isinstance(factor_a, DenseFactor) and isinstance(factor_b, DenseFactor))
         ):
-            a, b = factor_a(dtype), factor_b(dtype)
             if self.finite_checks:
+                a, b = factor_a(dtype), factor_b(dtype)
                 self._check_finite(a, b)
+                return a, b
+            # formed in one batched transform for the whole model call, if it was
+            pre_a, pre_b = prebuilt(factor_a), prebuilt(factor_b)
+            a = factor_a(dtype) if pre_a is None else pre_a.to(dtype)
+            b = factor_b(dtype) if pre_b is None else pre_b.to(dtype)
             return a, b
         params, buffers, key = cache_key(dtype, factor_a, factor_b)
         entry = self._cache  # read once: another thread may publish a new entry meanwhile

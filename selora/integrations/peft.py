@@ -43,10 +43,10 @@ from selora.adapters.checkpoint_format import (
     spectral_config,
 )
 from selora.adapters.config import SpectralAdapter
-from selora.adapters.registry import AdaptationBase, get_adapter_base
+from selora.adapters.patterns import PATTERN_FIELDS, check_layer_selection, task_heads
 from selora.integrations.peft_layer import SeloraLayer, SeloraLinear
 from selora.integrations.peft_model import CHECKPOINT_DIR_ATTR, PREFIX, SeloraModel
-from selora.spectral_bases import basis_spec
+from selora.spectral_bases import basis_spec, get_basis
 
 __all__ = [
     "PEFT_TYPE",
@@ -117,18 +117,6 @@ def _directory_being_read() -> str | None:
         del frame
 
 
-def _check_wrappable(base: str) -> None:
-    base_cls = get_adapter_base(base)
-    if base_cls.wrap is not AdaptationBase.wrap or (
-        base_cls.prepare_model is not AdaptationBase.prepare_model
-    ):
-        raise ValueError(
-            f"SeloraConfig.base: base {base!r} builds its own per-layer structure "
-            "(it overrides AdaptationBase.wrap or prepare_model); the PEFT bridge holds one "
-            "AdapterUnit per adapter name and cannot host it. Use selora.inject instead."
-        )
-
-
 @dataclass
 class SeloraConfig(PeftConfig):
     r"""PEFT configuration of a selora adapter, with every :class:`~selora.SpectralAdapter` field.
@@ -176,6 +164,15 @@ class SeloraConfig(PeftConfig):
         autocast_adapter_dtype: ``True``, adapter parameters in float32
             (float64 for a float64 layer); ``False``, in the layer's dtype
             (the transform still computes in float32).
+        rank_pattern: per-module ranks, name or regex -> ``r`` (PEFT's
+            ``get_pattern_key`` rule; see :mod:`selora.adapters.patterns`).
+        alpha_pattern: per-module alphas, matched likewise.
+        sparse_ratio_pattern: per-module SeLoRA budgets, matched likewise.
+        n_coeffs_pattern: per-module FoRA budgets, matched likewise.
+        use_rslora: scale :math:`\alpha / \sqrt r` instead of :math:`\alpha / r`.
+        layers_to_transform: layer indices to adapt (PEFT's rule; needs a list
+            of target names).
+        layers_pattern: the module list the layer index follows (``"layers"``).
         basis_class: the basis' class path ``module.QualName``, checked at load
             (``None`` for dense factors; filled from ``basis`` when not given).
         basis_options: the basis' constructor options (``None`` for dense
@@ -221,6 +218,27 @@ class SeloraConfig(PeftConfig):
     autocast_adapter_dtype: bool = field(
         default=True, metadata={"help": "Adapter parameters in float32 (True) or the layer dtype."}
     )
+    rank_pattern: dict[str, int] | None = field(
+        default_factory=dict, metadata={"help": "Per-module ranks: name or regex -> r."}
+    )
+    alpha_pattern: dict[str, float] | None = field(
+        default_factory=dict, metadata={"help": "Per-module alphas: name or regex -> alpha."}
+    )
+    sparse_ratio_pattern: dict[str, float] | None = field(
+        default_factory=dict, metadata={"help": "Per-module SeLoRA budgets (name or regex)."}
+    )
+    n_coeffs_pattern: dict[str, int] | None = field(
+        default_factory=dict, metadata={"help": "Per-module FoRA budgets (name or regex)."}
+    )
+    use_rslora: bool = field(
+        default=False, metadata={"help": "Rank-stabilised scale alpha / sqrt(r)."}
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata={"help": "Layer indices to adapt (PEFT's rule)."}
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None, metadata={"help": "Name of the module list the layer index follows."}
+    )
     basis_class: str | None = field(
         default=None, metadata={"help": "Class path of the basis (filled in from basis)."}
     )
@@ -258,12 +276,26 @@ class SeloraConfig(PeftConfig):
         if self.modules_to_save is not None:
             self.modules_to_save = list(dict.fromkeys(self.modules_to_save))
         self.base_options = dict(self.base_options)
-        _check_wrappable(self.base)
         self._resolve_basis()
         adapter = self.to_spectral_adapter()
         self.sparse_ratio = adapter.sparse_ratio
         self.n_coeffs = adapter.n_coeffs
         self.base_options = dict(adapter.base_options)
+        for name in PATTERN_FIELDS:
+            setattr(self, name, dict(getattr(adapter, name)))
+        if task_heads(adapter.task_type):
+            # Before injection, so that PEFT's guard keeps the head out of the targets: PEFT
+            # 0.21's PeftModelForTokenClassification adds it only after injecting.
+            self.modules_to_save = list(adapter.modules_to_save)
+        targets = self.target_modules
+        layers, pattern = check_layer_selection(
+            self.layers_to_transform,
+            self.layers_pattern,
+            targets if targets is None or isinstance(targets, str) else sorted(targets),
+            "SeloraConfig",
+        )
+        self.layers_to_transform = None if layers is None else list(layers)
+        self.layers_pattern = None if pattern is None else list(pattern)
 
     def _resolve_basis(self) -> None:
         """Fill ``basis_class`` / ``basis_options`` from the name, or rebuild the basis."""
@@ -272,8 +304,11 @@ class SeloraConfig(PeftConfig):
                 f"SeloraConfig.basis: a name or None; got {self.basis!r} (give a basis instance "
                 "through SeloraConfig.from_spectral_adapter)"
             )
-        if self.basis is not None and self.basis_class is None and self.basis_options is None:
-            spec = basis_spec(self.basis)  # an unknown name raises, naming the known ones
+        if self.basis is not None and self.basis_class is None:
+            # a name, with or without constructor options: the spec of what they build
+            # (an unknown name raises, naming the known ones)
+            built = get_basis(self.basis, **dict(self.basis_options or {}))
+            spec = basis_spec(built)
             self.basis_class, self.basis_options = spec["cls"], spec["options"]
         fields = {"basis": self.basis, "basis_class": self.basis_class}
         self._basis = rebuild_basis({**fields, "basis_options": self.basis_options}, CONFIG_NAME)
@@ -282,13 +317,16 @@ class SeloraConfig(PeftConfig):
         """Return the equivalent :class:`~selora.SpectralAdapter`.
 
         A set of target names becomes a sorted tuple; ``None`` targets (not yet
-        resolved by PEFT) become ``"all-linear"``. The basis is its name when
-        it has no options, else the instance rebuilt from ``basis_options``.
+        resolved by PEFT) become ``"all-linear"`` and the layer selection is
+        then left out (PEFT applies it once it has resolved the targets). The
+        basis is its name when it has no options, else the instance rebuilt
+        from ``basis_options``.
 
         Returns:
             The adapter description that :func:`selora.inject` would take.
         """
         targets = self.target_modules or "all-linear"
+        resolved = self.target_modules is not None
         return SpectralAdapter(
             basis=getattr(self, "_basis", self.basis),
             base=self.base,
@@ -309,6 +347,14 @@ class SeloraConfig(PeftConfig):
             scale=self.scale,  # type: ignore[arg-type]  # validated by SpectralAdapter
             init_weights=self.init_weights,
             autocast_adapter_dtype=self.autocast_adapter_dtype,
+            rank_pattern=dict(self.rank_pattern or {}),
+            alpha_pattern=dict(self.alpha_pattern or {}),
+            sparse_ratio_pattern=dict(self.sparse_ratio_pattern or {}),
+            n_coeffs_pattern=dict(self.n_coeffs_pattern or {}),
+            use_rslora=self.use_rslora,
+            layers_to_transform=self.layers_to_transform if resolved else None,
+            layers_pattern=self.layers_pattern if resolved else None,
+            task_type=self.task_type,
         )
 
     @classmethod
@@ -388,7 +434,7 @@ class SeloraConfig(PeftConfig):
         """Return the spectral fields (those of :class:`~selora.SpectralAdapter`) by name.
 
         Returns:
-            A dict of the fifteen fields.
+            A dict of the fields (:data:`~selora.adapters.checkpoint_format.SPECTRAL_FIELDS`).
         """
         data = dataclasses.asdict(self)
         return {name: data[name] for name in _SPECTRAL_FIELDS}

@@ -50,8 +50,18 @@ def _units(model: nn.Module, adapter_name: str) -> list[tuple[str, SpectralLayer
     found: list[tuple[str, SpectralLayer, nn.Module]] = []
     for name, module in model.named_modules():
         if isinstance(module, SpectralLayer) and adapter_name in module.selora_units:
-            found.append((name, module, module.selora_units[adapter_name]))
+            found.append((_state_dict_name(name), module, module.selora_units[adapter_name]))
     return found
+
+
+_WRAPPER_PARTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+"""Module names FSDP, activation checkpointing and ``torch.compile`` insert, which
+``state_dict()`` leaves out of its keys."""
+
+
+def _state_dict_name(name: str) -> str:
+    """A module name as ``state_dict()`` spells it (wrapper modules removed)."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
 
 
 def _spectra(unit: nn.Module) -> list[tuple[str, SparseSpectrum]]:

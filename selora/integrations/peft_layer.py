@@ -11,10 +11,11 @@ computes the same numbers through PEFT as through :func:`selora.inject`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from selora.adapters.layer import UNITS_ATTR, SpectralLayer
@@ -59,6 +60,30 @@ class SeloraLinear(SpectralLayer, SeloraLayer):  # type: ignore[misc]  # bias: T
         SpectralLayer.__init__(self, base_layer, name=name)
         self.update_layer(adapter_name, config)
         self.set_adapter(adapter_name, inference_mode=bool(config.inference_mode))
+
+    def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
+        """Merge as :meth:`~selora.SpectralLayer.merge`, with PEFT's warnings.
+
+        PEFT's layers warn when asked to merge adapters that are merged already
+        (``"All adapters are already merged, nothing to do."``, or which ones
+        were merged before); so does this one, through PEFT's own
+        ``check_adapters_to_merge``.
+
+        Args:
+            safe_merge: check before writing.
+            adapter_names: the adapters to merge; the active ones if ``None``.
+
+        Raises:
+            TypeError: if ``adapter_names`` is a string (PEFT's rule).
+            RuntimeError: if a base of adaptation cannot be merged.
+            ValueError: with ``safe_merge``, if a check fails.
+        """
+        names = check_adapters_to_merge(
+            self, None if adapter_names is None else list(adapter_names)
+        )
+        if not names:
+            return
+        SpectralLayer.merge(self, safe_merge=safe_merge, adapter_names=names)
 
     def _move_adapter_to_device_of_base_layer(
         self, adapter_name: str, device: torch.device | None = None

@@ -15,10 +15,12 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import Tensor, nn
 
+from selora.adapters.factor_batch import active_spectra, formed_factors
 from selora.adapters.layer_types import (
     frozen_weight,
     is_quantized_layer,
@@ -195,6 +197,9 @@ class SeloraModel(BaseTuner):
             new_module = SeloraLinear(target, adapter_name, config, name=current_key)
         except ValueError as exc:
             raise ValueError(f"cannot adapt {current_key!r}: {exc}") from exc
+        # A new nn.Module starts in training mode; take the mode of the layer it replaces, so
+        # that an adapter added to a model in eval() is in eval too (no dropout, mixed batches).
+        new_module.train(target.training)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until set active
         self._replace_module(parent, target_name, new_module, target)
@@ -239,9 +244,20 @@ class SeloraModel(BaseTuner):
         """
         names = kwargs.get("adapter_names")
         if names is None:
-            yield
+            if self.training and torch.is_grad_enabled():
+                with formed_factors(active_spectra(self.model)):
+                    yield
+            else:
+                yield
             return
         merged = any(isinstance(m, SeloraLinear) and m.merged for m in self.model.modules())
+        if merged and not self.training:
+            # PEFT's wording: a PeftModel unmerges with ``unmerge_adapter`` (the training-mode
+            # refusal, checked first as in PEFT, comes from check_adapter_names).
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call "
+                "`unmerge_adapter` first."
+            )
         known = list(self.peft_config)
         checked = list(check_adapter_names(names, known, training=self.training, merged=merged))
         beams = kwargs.get("num_beams")
@@ -263,6 +279,49 @@ class SeloraModel(BaseTuner):
         finally:
             for handle in handles:
                 handle.remove()
+
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "cat",
+        svd_rank: int | None = None,
+        svd_clamp: int | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+    ) -> None:
+        """Add ``adapter_name``, a weighted combination of ``adapters`` (PEFT's API).
+
+        ``"cat"`` (the default here; PEFT's default ``"svd"`` is refused) is
+        exact for the summed update and gives dense factors; ``"linear"`` is
+        PEFT's factor-wise combination, done exactly on shared coefficients.
+        See :mod:`selora.adapters.weighted`. The SVD / TIES / DARE arguments
+        are accepted for PEFT's signature and unused (those types are refused).
+        The new adapter is inactive until ``set_adapter``.
+
+        Args:
+            adapters: the source adapters.
+            weights: one weight each (negative subtracts).
+            adapter_name: the new adapter's name.
+            combination_type: ``"cat"`` or ``"linear"``.
+            svd_rank: unused (PEFT's SVD types are refused).
+            svd_clamp: unused.
+            svd_full_matrices: unused.
+            svd_driver: unused.
+            density: unused (PEFT's TIES / DARE types are refused).
+            majority_sign_method: unused.
+
+        Raises:
+            ValueError: for a taken or unknown name, mismatched weights, an
+                unsupported type or base, or ``"linear"`` sources that do not
+                share basis, shapes and locations.
+        """
+        from selora.integrations.peft_weighted import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type)
 
     def _check_safe_merge(self, adapter_names: list[str] | None) -> None:
         """Check every layer before any is written (PEFT merges layer by layer)."""

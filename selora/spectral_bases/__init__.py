@@ -2,8 +2,10 @@
 
 This subpackage knows nothing about adapters or models. Importing it
 registers the built-in bases ``fft``, ``dct``, ``haar``, ``db4``, ``bior``
-(bior2.2) and ``coif`` (coif1); every other PyWavelets discrete wavelet name
-resolves through :func:`get_basis` as well.
+(bior2.2) and ``coif`` (coif1), and two wavelet variants: ``db4-l2`` (two
+periodized levels) and ``db2-boundary`` (ptwt's orthogonal boundary
+filters); every other PyWavelets discrete wavelet name resolves through
+:func:`get_basis` as well, with the options ``levels`` and ``boundary``.
 """
 
 from selora.spectral_bases.basis_spec import (
@@ -35,8 +37,11 @@ from selora.spectral_bases.spectrum import (
 from selora.spectral_bases.wavelet import (
     BiorthogonalTransform,
     CoifletTransform,
+    Daubechies2BoundaryTransform,
     Daubechies4Transform,
+    Daubechies4TwoLevelTransform,
     HaarTransform,
+    WaveletBoundary,
     WaveletName,
     WaveletTransform,
 )
@@ -47,7 +52,9 @@ __all__ = [
     "BiorthogonalTransform",
     "CoifletTransform",
     "CosineTransform",
+    "Daubechies2BoundaryTransform",
     "Daubechies4Transform",
+    "Daubechies4TwoLevelTransform",
     "FourierTransform",
     "HaarTransform",
     "InverseTransform",
@@ -55,6 +62,7 @@ __all__ = [
     "SpectrumInit",
     "SpectrumScale",
     "UnknownBasisError",
+    "WaveletBoundary",
     "WaveletName",
     "WaveletTransform",
     "basis_name",

@@ -409,11 +409,14 @@ class SparseSpectrum(nn.Module):
         matrix = self.basis(
             flat.scatter(0, self._locations().to(sample.device), sample).view(self.shape)
         )
-        variance = float(matrix.var(correction=0))
+        # The mean square, not the sample variance: the coefficients are drawn with zero
+        # mean, so E[M] = 0 and E[M^2] is the variance of M's entries. The sample variance
+        # would call a matrix from the constant (DC) coefficient alone "variance 0".
+        variance = float(matrix.square().mean())
         if not variance > 0.0 or not math.isfinite(variance):
             raise ValueError(
                 f"basis {self.basis.label()!r} maps a random spectrum of shape {self.shape} "
-                f"with {self.n_coeffs} coefficients to a matrix of variance {variance}; "
+                f"with {self.n_coeffs} coefficients to a matrix of mean square {variance}; "
                 "cannot calibrate"
             )
         gain = math.sqrt(kaiming_variance(self.shape[1]) / variance)

@@ -1,29 +1,36 @@
-"""Wavelet bases: one level of the periodized 2-D inverse discrete wavelet transform.
+"""Wavelet bases: the 2-D inverse DWT of any PyWavelets wavelet, one level or several.
 
-The synthesis is separable and written in plain torch as three large
-operations: one gather of the spectrum into overlapping, circularly wrapped
-band windows along one axis, one matrix product with that axis' small block
-matrix (or its dense synthesis matrix when the axis is short), and one
-product with the dense synthesis matrix of the other axis. Autograd's
-backward through them is the exact adjoint (the periodized analysis), so
-forward and backward run at FFT-like speed or better on the CPU and issue a
-handful of kernels on a GPU. Filters of any length work, also when a filter
-is longer than half the signal and the periodic wrap folds it more than once.
+:class:`WaveletTransform` and the registered wavelet bases. The periodized
+synthesis runs on selora's own fast path
+(:mod:`~selora.spectral_bases.wavelet_periodized`), the boundary wavelets on
+ptwt's boundary-filter matrices (:mod:`~selora.spectral_bases.wavelet_boundary`),
+and several levels chain either (:mod:`~selora.spectral_bases.wavelet_levels`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
-import numpy as np
 import pywt
 import torch
 from torch import Tensor
 
 from selora._tensor_cache import tensor_cache
 from selora.spectral_bases.registry import InverseTransform, add_fallback, register_basis
+from selora.spectral_bases.wavelet_boundary import synthesize_boundary
+from selora.spectral_bases.wavelet_levels import (
+    level_classes,
+    level_corners,
+    shape_problem,
+    synthesize_levels,
+)
+from selora.spectral_bases.wavelet_periodized import (
+    _plan,
+    _Polyphase,
+    _synthesize,
+    polyphase_taps,
+)
 
 __all__ = [
     "WaveletTransform",
@@ -31,6 +38,9 @@ __all__ = [
     "Daubechies4Transform",
     "BiorthogonalTransform",
     "CoifletTransform",
+    "Daubechies4TwoLevelTransform",
+    "Daubechies2BoundaryTransform",
+    "WaveletBoundary",
     "WaveletName",
 ]
 
@@ -38,227 +48,40 @@ WaveletName = Literal["haar", "db4", "bior2.2", "coif1"]
 """The wavelets behind the four named bases; any PyWavelets discrete name works too."""
 
 
-@dataclasses.dataclass(frozen=True)
-class _Polyphase:
-    r"""The periodized one-level synthesis of a wavelet, split into its two phases.
-
-    With :math:`h` coefficients per band, :math:`N = 2h` and synthesis filters
-    :math:`g` (low-pass) and :math:`\tilde g` (high-pass) of even length
-    :math:`L`, PyWavelets' periodization computes
-
-    .. math::
-
-        x_{(2k + j - L/2 + 1) \bmod N} \mathrel{+}= a_k g_j + d_k \tilde g_j .
-
-    Output sample :math:`x_{2i + r}` (phase :math:`r \in \{0, 1\}`) is therefore
-    a circular correlation of the bands with :math:`2P + 1` taps,
-    :math:`P = \lfloor L/4 \rfloor`:
-
-    .. math::
-
-        x_{2i + r} = \sum_{c \in \{a, d\}} \sum_{q=0}^{2P} w_{r c q}\,
-        c_{(i + q - P) \bmod h}, \qquad
-        w_{r c q} = f^{(c)}_{2(P - q) + r + L/2 - 1}
-
-    (zero outside the filter). ``taps[r]`` lists the non-zero
-    :math:`(c, q, w_{rcq})`. Equality and hashing use the wavelet's name only
-    (it keys the caches of :func:`_plan`).
-    """
-
-    wavelet: str
-    pad: int = dataclasses.field(compare=False)
-    taps: tuple[tuple[tuple[int, int, float], ...], tuple[tuple[int, int, float], ...]] = (
-        dataclasses.field(compare=False)
-    )
-    orthogonal: bool = dataclasses.field(compare=False)
-
-
-_ORTHONORMAL_TOL = 1e-10
-
-
-def _is_orthonormal(low: tuple[float, ...], high: tuple[float, ...]) -> bool:
-    r"""Whether a two-channel synthesis filter bank is orthonormal (to :data:`_ORTHONORMAL_TOL`).
-
-    The (periodized, any even size) synthesis is orthogonal exactly when the
-    filters are orthonormal to their own and each other's even shifts:
-    :math:`\sum_j f_j f'_{j+2t} = \delta_{ff'} \delta_{t0}` for all :math:`t`.
-    PyWavelets' ``orthogonal`` flag is not enough: its FIR approximation of the
-    Meyer wavelet (``dmey``) is flagged orthogonal but misses by about 2e-3.
-    """
-    pairs = ((low, low, 1.0), (high, high, 1.0), (low, high, 0.0))
-    for f, g, norm in pairs:
-        corr = np.correlate(np.asarray(f), np.asarray(g), mode="full")
-        centre = len(g) - 1
-        for lag in range(centre % 2, len(corr), 2):
-            target = norm if lag == centre else 0.0
-            if abs(corr[lag] - target) > _ORTHONORMAL_TOL:
-                return False
-    return True
-
-
 @functools.cache
 def _polyphase(wavelet: str) -> _Polyphase:
-    """Return the polyphase taps of a PyWavelets discrete wavelet."""
-    w = pywt.Wavelet(wavelet)
-    filters = (tuple(w.rec_lo), tuple(w.rec_hi))
-    taps_len = len(filters[0])
-    shift = taps_len // 2 - 1
-    pad = taps_len // 4
-    phases = []
-    for r in (0, 1):
-        phase = []
-        for c, filt in enumerate(filters):
-            for q in range(2 * pad + 1):
-                j = 2 * (pad - q) + r + shift
-                if 0 <= j < taps_len and filt[j] != 0.0:
-                    phase.append((c, q, float(filt[j])))
-        phases.append(tuple(phase))
-    return _Polyphase(
-        wavelet=wavelet,
-        pad=pad,
-        taps=(phases[0], phases[1]),
-        orthogonal=_is_orthonormal(*filters),
-    )
+    """Return the polyphase taps of a PyWavelets discrete wavelet, once per name."""
+    return polyphase_taps(wavelet)
 
 
-# An axis of at most this length, and no longer than the other axis, is
-# synthesized by its dense (N, N) matrix (at most 16 KiB in float32, and no
-# larger than the spectrum); any other blockwise, by a short matrix applied to
-# overlapping windows of the bands, so no matrix grows with the layer. (An
-# axis too short for blocks stays dense: a matrix of at most 64 x 64.)
-_DENSE_MAX = 64
-# Output pairs per block of the blockwise route (a divisor of N/2 near it is
-# preferred): 16 measured best for haar, db4 and coif1 at N = 384 .. 4096.
-_BLOCK = 16
+WaveletBoundary = Literal["periodization", "orthogonal"]
+"""How a wavelet basis treats the ends of each axis (see :class:`WaveletTransform`)."""
 
-
-def _axis_block(half: int, other: int, pad: int) -> int:
-    """Output pairs per block along an axis of ``2 half`` samples (``half``: dense).
-
-    ``other`` is the length of the other axis. Blocks of a divisor of ``half``
-    near ``max(16, 2 pad)`` are preferred (no cropped block); an axis too short
-    for any block (under 16 or so samples) stays dense.
-    """
-    if 2 * half <= min(_DENSE_MAX, other):
-        return half
-    target = max(_BLOCK, 2 * pad)
-    larger = range(target, min(2 * target, half - 1) + 1)
-    smaller = range(min(target, half) - 1, target // 2 - 1, -1)
-    fallback = target if target < half else half
-    return next((b for b in (*larger, *smaller) if half % b == 0), fallback)
-
-
-def _axis_windows(half: int, block: int, pad: int) -> Tensor:
-    """``(blocks, window)`` band positions each block reads (all ``half`` when dense)."""
-    if block == half:
-        return torch.arange(half)[None]
-    count = -(-half // block)
-    starts = torch.arange(count)[:, None] * block - pad
-    return (starts + torch.arange(block + 2 * pad)[None]) % half
-
-
-def _axis_matrix(poly: _Polyphase, half: int, block: int, dtype: torch.dtype) -> Tensor:
-    r"""The ``(2 b, 2 w)`` matrix taking a block's two band windows to its ``2 b`` samples.
-
-    Row ``2 i + r`` is output sample :math:`x_{2i+r}` of the block, column
-    ``c w + j`` is entry ``j`` of band ``c``'s window (:func:`_axis_windows`).
-    Dense (``block == half``): the window is the whole band and the taps fold
-    circularly, so this is the periodized synthesis matrix :math:`S_N` itself,
-    also when the filter is longer than the signal.
-    """
-    dense = block == half
-    window = half if dense else block + 2 * poly.pad
-    taps = [(r, c, q, w) for r in (0, 1) for c, q, w in poly.taps[r]]
-    phase, band, shift = (torch.tensor([t[i] for t in taps])[:, None] for i in range(3))
-    weight = torch.tensor([t[3] for t in taps], dtype=torch.float64)[:, None]
-    i = torch.arange(block)[None]
-    col = i + shift - poly.pad
-    col = col % half if dense else col + poly.pad
-    rows = (2 * i + phase).flatten()
-    cols = (band * window + col).flatten()
-    matrix = torch.zeros(2 * block, 2 * window, dtype=torch.float64)
-    matrix.index_put_((rows, cols), weight.expand(-1, block).flatten(), accumulate=True)
-    return matrix.to(dtype)
-
-
-class _Plan(NamedTuple):
-    """Constants of one ``(m, n)`` synthesis (see :func:`_synthesize`)."""
-
-    gather: Tensor  # flat positions of F gathered into the first axis' windows
-    first: Tensor  # (2b, 2w) block matrix of the first axis
-    rows_first: bool  # the first axis is the rows (m): its result is transposed
-    second: Tensor  # dense S of the second axis, or its block matrix
-    second_index: Tensor | None  # row windows when the second axis is blockwise too
+WAVELET_BOUNDARIES: tuple[WaveletBoundary, ...] = ("periodization", "orthogonal")
 
 
 @tensor_cache()
-def _plan(poly: _Polyphase, m: int, n: int, dtype: torch.dtype, device: torch.device) -> _Plan:
-    """Build the gather index and the matrices of the ``(m, n)`` synthesis."""
-    hm, hn = m // 2, n // 2
-    row_block, col_block = _axis_block(hm, n, poly.pad), _axis_block(hn, m, poly.pad)
-    # An axis done blockwise goes first, so that the one gather of F also forms
-    # its windows; the rows go first only when the columns are dense.
-    rows_first = row_block != hm and col_block == hn
-    # F[(J, k), (I, c)] as (J, k, I, c); G = [[a, v], [h, d]] has
-    # G[(I, k), (J, c)] = F[(J, k), (I, c)]
-    base = torch.arange(m * n).view(2, hm, 2, hn)
-    if rows_first:  # G^T: rows (J, c), bands I, samples k
-        bands = base.permute(0, 3, 2, 1).reshape(n, 2, hm)
-        windows = _axis_windows(hm, row_block, poly.pad)
-        first, second = _axis_matrix(poly, hm, row_block, dtype), _axis_matrix(poly, hn, hn, dtype)
-    else:  # G: rows (I, k), bands J, samples c
-        bands = base.permute(2, 1, 0, 3).reshape(m, 2, hn)
-        windows = _axis_windows(hn, col_block, poly.pad)
-        first, second = (
-            _axis_matrix(poly, hn, col_block, dtype),
-            _axis_matrix(poly, hm, row_block, dtype),
-        )
-    index = bands[:, :, windows].transpose(1, 2).flatten()  # (rows, blocks, band, window)
-    second_index = None
-    if not rows_first and row_block != hm:
-        rows = _axis_windows(hm, row_block, poly.pad)[:, None] + torch.arange(2)[:, None] * hm
-        second_index = rows.flatten().to(device)
-    return _Plan(index.to(device), first.to(device), rows_first, second.to(device), second_index)
+def _class_energies(poly: _Polyphase, levels: int, m: int, n: int) -> Tensor:
+    r""":math:`\|T(e_p)\|_F^2` of one position per class of :func:`level_classes`, float64."""
+    corners = level_corners((m, n), levels)
+    units = torch.zeros(len(corners), m, n, dtype=torch.float64)
+    for q, (row, col) in enumerate(corners):
+        units[q, row, col] = 1.0
+    cpu = torch.device("cpu")
 
+    def one_level(block: Tensor) -> Tensor:
+        rows, cols = block.shape[-2:]
+        return _synthesize(block, _plan(poly, rows, cols, torch.float64, cpu))
 
-def _synthesize(spectrum: Tensor, plan: _Plan) -> Tensor:
-    r""":math:`T(F) = S_m G S_n^\top` with :math:`G = \begin{bmatrix} a & v \\ h & d \end{bmatrix}`.
-
-    One gather of ``F`` forms :math:`G` (or :math:`G^\top`) cut into the
-    overlapping band windows of the first axis, circularly; one matrix product
-    applies that axis' block matrix to all windows; one more product applies
-    the dense :math:`S` of the other axis (when both axes are long, a gather of
-    row windows and a product with its block matrix instead). Every step is a
-    plain torch operation, so autograd's backward is the exact adjoint (the
-    periodized analysis), with forward mode, vmap and torch.compile for free.
-    """
-    *batch, m, n = spectrum.shape
-    length = m if plan.rows_first else n
-    first_rows = n if plan.rows_first else m
-    width = plan.first.shape[1]
-    windows = spectrum.flatten(-2).index_select(-1, plan.gather)
-    partial = windows.reshape(*batch, -1, width) @ plan.first.mT
-    partial = partial.reshape(*batch, first_rows, -1)
-    if partial.shape[-1] != length:
-        partial = partial[..., :length]
-    if plan.rows_first:  # partial = (S_m G)^T
-        out: Tensor = partial.mT @ plan.second.mT
-        return out
-    if plan.second_index is None:  # partial = G S_n^T
-        out = plan.second @ partial
-        return out
-    width = plan.second.shape[1]
-    rows = partial.index_select(-2, plan.second_index).reshape(*batch, -1, width, n)
-    out = (plan.second @ rows).reshape(*batch, -1, n)
-    if out.shape[-2] != m:
-        out = out[..., :m, :].contiguous()
-    return out
+    out = synthesize_levels(units, levels, one_level)
+    return out.square().sum(dim=(-2, -1))
 
 
 class WaveletTransform(InverseTransform):
-    r"""One level of the periodized 2-D inverse DWT of a PyWavelets wavelet.
+    r"""The 2-D inverse DWT of a PyWavelets wavelet: periodized or boundary, one level or more.
 
-    The spectrum is read as four quadrants, each :math:`(m/2, n/2)`:
+    **One level, periodized** (the default). The spectrum is read as four
+    quadrants, each :math:`(m/2, n/2)`:
 
     .. math::
 
@@ -277,25 +100,75 @@ class WaveletTransform(InverseTransform):
     which also marks the only approximately orthogonal ``dmey``. Only even
     ``m`` and ``n`` are accepted.
 
+    **levels** :math:`= J`. The spectrum is read in PyWavelets' ``wavedec2``
+    order: :math:`a_J` in the top-left :math:`(m / 2^J, n / 2^J)` block, and
+    the details :math:`h_j, v_j, d_j` of level :math:`j` in the three other
+    quadrants of the top-left :math:`(m / 2^{j-1}, n / 2^{j-1})` block, placed
+    as above. Level by level from the coarsest, each block's one-level
+    synthesis becomes the approximation of the next (see
+    :mod:`~selora.spectral_bases.wavelet_levels`):
+    :math:`T(F) = \mathrm{waverec2}([a_J, (h_J, v_J, d_J), \dots, (h_1, v_1, d_1)])`
+    with ``mode="periodization"``. :math:`2^J` must divide ``m`` and ``n``;
+    :math:`J = 1` is the one-level basis, bit for bit.
+
+    **boundary** ``"orthogonal"``. Instead of the periodic wrap, each level
+    applies ptwt's boundary-filter synthesis matrix :math:`S_N` (orthogonal:
+    QR-orthonormalized boundary filters at both ends; see
+    :mod:`~selora.spectral_bases.wavelet_boundary`),
+    :math:`T_1(F) = S_m \begin{bmatrix} a & v \\ h & d\end{bmatrix} S_n^\top`,
+    the exact inverse of ``ptwt.MatrixWavedec2``. Only orthogonal wavelets
+    (haar, db, sym, coif) have such filters, and every level's block must be
+    at least as long as the filter: :math:`m / 2^{J-1}, n / 2^{J-1} \ge L`.
+
     Args:
         wavelet: any PyWavelets discrete wavelet name (``"haar"``, ``"db4"``,
-            ``"bior2.2"``, ``"coif1"``, ``"sym8"``, ...).
+            ``"bior2.2"``, ``"coif1"``, ``"sym8"``, ...); the class' own by default.
+        levels: :math:`J \ge 1`, the number of synthesis levels; the class' own
+            (``1``) by default.
+        boundary: ``"periodization"`` or ``"orthogonal"``; the class' own
+            (``"periodization"``) by default.
 
     Raises:
-        ValueError: if ``wavelet`` is not a PyWavelets discrete wavelet.
+        ValueError: if ``wavelet`` is not a PyWavelets discrete wavelet,
+            ``levels`` is not an integer >= 1, ``boundary`` is unknown, or
+            ``boundary="orthogonal"`` is asked of a wavelet that is not orthogonal.
     """
 
     wavelet: str = "haar"
+    levels: int = 1
+    boundary: WaveletBoundary = "periodization"
 
-    def __init__(self, wavelet: str | None = None) -> None:
-        name = wavelet if wavelet is not None else type(self).wavelet
+    def __init__(
+        self,
+        wavelet: str | None = None,
+        *,
+        levels: int | None = None,
+        boundary: WaveletBoundary | None = None,
+    ) -> None:
+        cls = type(self)
+        name = wavelet if wavelet is not None else cls.wavelet
+        depth = levels if levels is not None else cls.levels
+        edge = boundary if boundary is not None else cls.boundary
         if name not in pywt.wavelist(kind="discrete"):
             raise ValueError(
                 f"{name!r} is not a PyWavelets discrete wavelet; see pywt.wavelist(kind='discrete')"
             )
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"levels must be an integer >= 1; got {depth!r}")
+        if edge not in WAVELET_BOUNDARIES:
+            raise ValueError(f"boundary must be one of {list(WAVELET_BOUNDARIES)}; got {edge!r}")
         self.wavelet = name
+        self.levels = depth
+        self.boundary = edge
         self._poly = _polyphase(name)
+        self._taps = int(pywt.Wavelet(name).dec_len)
         self.orthonormal = self._poly.orthogonal
+        if edge == "orthogonal" and not self.orthonormal:
+            raise ValueError(
+                f"boundary='orthogonal' needs an orthogonal wavelet (haar, db*, sym*, coif*): "
+                f"ptwt's boundary filters reconstruct no other; {name!r} is not orthonormal "
+                "(biorthogonal, or only approximately orthogonal as dmey)"
+            )
 
     def label(self) -> str:
         """Return the registered name, or the wavelet's name when built by fallback."""
@@ -304,67 +177,94 @@ class WaveletTransform(InverseTransform):
     def options(self) -> dict[str, Any]:
         """Return the constructor arguments that rebuild this basis from its label.
 
-        See :meth:`InverseTransform.options`. A basis built by a registered
-        name (``haar``, ``db4``, ...) declares its wavelet only when it differs
-        from the class' own (``HaarTransform(wavelet="sym4")``). A basis of no
-        registered name is labelled by its wavelet, which
+        See :meth:`InverseTransform.options`. Each of ``wavelet``, ``levels``
+        and ``boundary`` is declared when it differs from the class' own
+        (``HaarTransform(wavelet="sym4")``, ``get_basis("db4", levels=3)``).
+        A basis of no registered name is labelled by its wavelet, which
         ``get_basis(wavelet)`` resolves through the PyWavelets fallback, so the
-        label already says everything.
+        label already says which wavelet.
 
         Returns:
-            ``{"wavelet": name}`` or ``{}``.
+            A subset of ``{"wavelet": name, "levels": J, "boundary": mode}``.
         """
-        if self.name and self.wavelet != type(self).wavelet:
-            return {"wavelet": self.wavelet}
-        return {}
+        cls = type(self)
+        options: dict[str, Any] = {}
+        if self.name and self.wavelet != cls.wavelet:
+            options["wavelet"] = self.wavelet
+        if self.levels != cls.levels:
+            options["levels"] = self.levels
+        if self.boundary != cls.boundary:
+            options["boundary"] = self.boundary
+        return options
 
     def check_shape(self, m: int, n: int) -> None:
-        """Refuse odd sizes: one DWT level halves each dimension.
+        """Refuse sizes the levels cannot halve (and, for boundary filters, shorter than one).
 
         Args:
             m: number of rows.
             n: number of columns.
 
         Raises:
-            ValueError: if ``m`` or ``n`` is odd or smaller than 2.
+            ValueError: naming the basis, ``levels`` and the shape, if
+                :math:`2^J` does not divide ``m`` or ``n`` or, with
+                ``boundary="orthogonal"``, if a level's block is shorter than
+                the filter.
         """
-        if m < 2 or n < 2 or m % 2 or n % 2:
+        taps = self._taps if self.boundary == "orthogonal" else 1
+        problem = shape_problem(m, n, self.levels, taps)
+        if problem is not None:
             raise ValueError(
-                f"wavelet basis {self.label()!r} needs even m and n >= 2; got shape ({m}, {n})"
+                f"wavelet basis {self.label()!r} needs {problem}; got shape ({m}, {n})"
             )
 
     def inverse(self, spectrum: Tensor) -> Tensor:
-        """Return the periodized one-level 2-D inverse DWT of the quadrants of ``F``.
+        """Return the 2-D inverse DWT of ``F`` (see the class docstring).
 
         Args:
-            spectrum: real tensor ``(..., m, n)`` with even ``m``, ``n``.
+            spectrum: real tensor ``(..., m, n)`` of a shape :meth:`check_shape` accepts.
 
         Returns:
             Real tensor of the same shape and dtype.
         """
-        m, n = spectrum.shape[-2:]
+        if self.boundary == "orthogonal":
+            wavelet = self.wavelet
+            return synthesize_levels(
+                spectrum, self.levels, lambda block: synthesize_boundary(block, wavelet)
+            )
         # Under torch.compile the constants are traced into the graph instead:
         # Dynamo does not honour functools caches and warns about them.
         build = _plan.__wrapped__ if torch.compiler.is_compiling() else _plan
-        return _synthesize(spectrum, build(self._poly, m, n, spectrum.dtype, spectrum.device))
+        poly = self._poly
+
+        def one_level(block: Tensor) -> Tensor:
+            m, n = block.shape[-2:]
+            return _synthesize(block, build(poly, m, n, block.dtype, block.device))
+
+        return synthesize_levels(spectrum, self.levels, one_level)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(wavelet={self.wavelet!r})"
+        levels = f", levels={self.levels}" if self.levels != 1 else ""
+        edge = f", boundary={self.boundary!r}" if self.boundary != "periodization" else ""
+        return f"{type(self).__name__}(wavelet={self.wavelet!r}{levels}{edge})"
 
     def active_energy(self, shape: tuple[int, int], indices: Tensor) -> float:
         r"""Return the energy of :math:`\Omega` (see :meth:`InverseTransform.active_energy`).
 
-        An orthonormal filter bank gives :math:`\|T(e_p)\|_F = 1` for every
-        ``p``, so :math:`E = k`. Otherwise (``bior``) the periodized synthesis
-        is shift-invariant: moving a coefficient by one place within its band
-        moves its synthesis function circularly by two samples, which keeps
-        the norm. So :math:`\|T(e_p)\|_F^2` depends only on the quadrant
-        (``a``, ``h``, ``v``, ``d``) of ``p``, four unit transforms give all
-        of them, and :math:`E = \sum_q k_q \|T(e_{p_q})\|_F^2` with
-        :math:`k_q` the active locations in quadrant :math:`q`.
+        An orthonormal transform (an orthogonal wavelet, periodized or with
+        boundary filters, any number of levels) gives
+        :math:`\|T(e_p)\|_F = 1` for every ``p``, so :math:`E = k`. Otherwise
+        (``bior``) the periodized synthesis is shift-invariant within each
+        band: moving a level-:math:`j` coefficient by one place moves its
+        synthesis function circularly by :math:`2^j` samples, which keeps the
+        norm. So :math:`\|T(e_p)\|_F^2` depends only on the class of ``p``
+        (the band :math:`a_J` or a detail quadrant of one level, :math:`3J + 1`
+        classes), one unit transform per class gives all of them (cached per
+        shape, in float64), and :math:`E = \sum_q k_q \|T(e_{p_q})\|_F^2` with
+        :math:`k_q` the active locations of class :math:`q`. Exact, for any
+        ``indices``.
 
         Args:
-            shape: ``(m, n)``, both even.
+            shape: ``(m, n)``, a shape :meth:`check_shape` accepts.
             indices: the ``k`` distinct flat positions of :math:`\Omega`.
 
         Returns:
@@ -375,14 +275,9 @@ class WaveletTransform(InverseTransform):
         flat = indices.detach().to("cpu", torch.int64).reshape(-1)
         if self.orthonormal:
             return float(flat.numel())
-        hm, hn = m // 2, n // 2
-        quadrant = (flat // n >= hm).long() * 2 + (flat % n >= hn).long()  # a, h, v, d
-        counts = torch.bincount(quadrant, minlength=4).to(torch.float64)
-        units = torch.zeros(4, m, n, dtype=torch.float64, device="cpu")
-        for q, (row, col) in enumerate(((0, 0), (0, hn), (hm, 0), (hm, hn))):
-            units[q, row, col] = 1.0
-        energies = self(units).square().sum(dim=(-2, -1))
-        return float(counts @ energies)
+        classes = level_classes((m, n), self.levels, flat)
+        counts = torch.bincount(classes, minlength=3 * self.levels + 1).to(torch.float64)
+        return float(counts @ _class_energies(self._poly, self.levels, m, n))
 
 
 @register_basis("haar")
@@ -411,6 +306,22 @@ class CoifletTransform(WaveletTransform):
     """Coiflet-1 wavelet basis (``coif1``; orthonormal, 6 taps)."""
 
     wavelet = "coif1"
+
+
+@register_basis("db4-l2")
+class Daubechies4TwoLevelTransform(WaveletTransform):
+    """Two levels of the periodized db4 synthesis (``levels=2``; 4 must divide m and n)."""
+
+    wavelet = "db4"
+    levels = 2
+
+
+@register_basis("db2-boundary")
+class Daubechies2BoundaryTransform(WaveletTransform):
+    """db2 with ptwt's orthogonal boundary filters (``boundary="orthogonal"``; m, n even, >= 4)."""
+
+    wavelet = "db2"
+    boundary = "orthogonal"
 
 
 def _resolve_pywavelet(name: str) -> functools.partial[WaveletTransform] | None:

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import pywt
-import scipy.fft
 import tiny_transformers as tt
 import torch
+from basis_oracles import ORACLES
 from torch import nn
 
 import selora
@@ -117,17 +116,11 @@ def scatter_numpy(
 
 
 def inverse_numpy(basis: str, spectrum: np.ndarray) -> np.ndarray:
-    """The oracle inverse transform of design.md, in float64 numpy."""
-    if basis == "fft":
-        return np.fft.ifft2(spectrum).real
-    if basis == "dct":
-        return np.asarray(scipy.fft.idctn(spectrum, norm="ortho"))
-    if basis in WAVELETS:
-        m, n = spectrum.shape
-        a, h = spectrum[: m // 2, : n // 2], spectrum[: m // 2, n // 2 :]
-        v, d = spectrum[m // 2 :, : n // 2], spectrum[m // 2 :, n // 2 :]
-        return np.asarray(pywt.idwt2((a, (h, v, d)), WAVELETS[basis], mode="periodization"))
-    pytest.fail(f"no float64 oracle for basis {basis!r}: add one to tests/adapters/conftest.py")
+    """The oracle inverse transform of design.md, in float64 numpy (``tests/basis_oracles``)."""
+    oracle = ORACLES.get(basis)
+    if oracle is None:
+        pytest.fail(f"no float64 oracle for basis {basis!r}: add one to tests/basis_oracles.py")
+    return np.asarray(oracle(spectrum))
 
 
 def reference_factor(factor: nn.Module) -> torch.Tensor:

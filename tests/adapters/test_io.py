@@ -253,27 +253,6 @@ def test_load_into_a_model_holding_the_same_adapter(tmp_path: Path) -> None:
     assert_untouched(other, before)
 
 
-def test_xlora_saves_and_loads_natively(tmp_path: Path) -> None:
-    options = {
-        "n_experts": 3,
-        "top_k": 2,
-        "expert_adapters": [
-            {"basis": "fft", "r": 4, "seed": 1},
-            {"basis": "dct", "r": 4, "seed": 2, "n_coeffs": 20},
-            {"basis": None, "r": 4},
-        ],
-    }
-    adapter = SpectralAdapter(basis="fft", base="xlora", r=4, base_options=options)
-    model = trained(adapter, llama)
-    expected = run(model, TOKENS)
-    save_adapter(model, tmp_path)
-    tensors = load_file(str(tmp_path / WEIGHTS_NAME))
-    assert any(".experts.1.lora_A.coefficients" in k for k in tensors)
-    assert any("selora_xlora_classifier." in k for k in tensors)
-    fresh = load_adapter(llama(), tmp_path)
-    assert torch.equal(run(fresh, TOKENS), expected)
-
-
 # --------------------------------------------------------------------------- the format
 
 

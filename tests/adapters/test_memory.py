@@ -19,7 +19,10 @@ from torch.utils._pytree import tree_leaves
 import selora
 from selora import SpectralAdapter
 
-D_IN, D_OUT, R, TOKENS = 48, 40, 4, 8  # x has TOKENS * D_IN = 384 < D_OUT * D_IN entries
+# x has TOKENS * D_IN = 2048 < D_OUT * D_IN entries. The sizes are large enough that a
+# matrix basis' own per-axis work (db2-boundary's banded windows, O(r n w) for a band
+# width w of a few dozen) stays below one d_out x d_in matrix, as it does at model sizes.
+D_IN, D_OUT, R, TOKENS = 256, 240, 4, 8
 
 
 class _ShapeRecorder(TorchDispatchMode):

@@ -123,19 +123,3 @@ def test_peft_config_carries_the_scale(tmp_path: Path) -> None:
     path.write_text(json.dumps(saved))
     with pytest.raises(selora.AdapterCheckpointError, match="no 'scale'"):
         SeloraConfig.from_pretrained(str(tmp_path / "old"))
-
-
-def test_xlora_experts_without_a_scale_take_the_adapter_scale() -> None:
-    from selora.adapters.xlora import XLoRA
-
-    spec = {"basis": "fft", "r": 4, "n_coeffs": 6}
-    for scale in ("lora", "paper"):
-        adapter = SpectralAdapter(
-            basis="fft",
-            base="xlora",
-            r=4,
-            scale=scale,  # type: ignore[arg-type]
-            base_options={"expert_adapters": [spec, {**spec, "scale": "lora"}]},
-        )
-        experts = XLoRA()._expert_specs(adapter)
-        assert [e.scale for e in experts] == [scale, "lora"]

@@ -174,7 +174,9 @@ def test_a_constant_valued_b_factor_is_built_at_zero_not_calibrated() -> None:
 
 
 def test_zero_init_spectrum_skips_calibration() -> None:
-    with pytest.raises(ValueError, match=r"variance 0\.0; cannot calibrate"):
-        SparseSpectrum((1, 4), "fft", n_coeffs=1)
+    # one coefficient: a constant matrix, calibrated by its mean square (no longer refused)
+    calibrated = SparseSpectrum((1, 4), "fft", n_coeffs=1, dtype=torch.float64)
+    with torch.no_grad():
+        assert calibrated().square().mean().item() == pytest.approx(1 / 12, rel=1e-9)
     spectrum = SparseSpectrum((1, 4), "fft", n_coeffs=1, init="zero")
     assert torch.count_nonzero(spectrum()) == 0

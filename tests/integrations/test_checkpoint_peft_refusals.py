@@ -125,7 +125,8 @@ CASES: dict[str, tuple[Callable[[Config, Tensors], bool], str, str | None]] = {
         "same",
     ),
     "no-hash": (_drop(HASH_KEY), "holds no 'selora.config_sha256'", "same"),
-    "missing-config-key": (_config("init_weights", None, True), "no 'init_weights'", MISMATCH),
+    # init_weights only says how new tensors start (not hashed): the model's own config loads
+    "missing-config-key": (_config("init_weights", None, True), "no 'init_weights'", None),
     "legacy-config": (_config("selora_format_version", None, False), "no spectral locations", None),
     "unknown-basis": (_config("basis", "no-such-basis", True), "no-such-basis", MISMATCH),
 }
@@ -236,3 +237,12 @@ def test_a_basis_with_options_reloads_with_them_through_peft(tmp_path: Path) -> 
         assert torch.equal(outputs(native, X), outputs(model, X))
     finally:
         unregister_basis("test-peft-rotation")
+
+
+def test_a_basis_name_with_options_and_no_class_builds_that_basis() -> None:
+    from selora.integrations.peft import SeloraConfig
+
+    config = SeloraConfig(basis="db4", basis_options={"levels": 2}, target_modules=["lin0"])
+    assert config.basis_options == {"levels": 2}
+    assert config.basis_class == "selora.spectral_bases.wavelet.Daubechies4Transform"
+    assert config.to_spectral_adapter().basis.options() == {"levels": 2}  # type: ignore[union-attr]

@@ -408,3 +408,50 @@ def test_save_pretrained_of_an_injected_model_is_refused_before_writing(tmp_path
     selora.unload(model)
     model.save_pretrained(tmp_path / "out")  # a plain model again
     assert (tmp_path / "out" / "config.json").exists()
+
+
+# ------------------------------------------------------------------ PEFT's own test suite, found
+
+
+def test_merging_twice_warns_as_peft_does() -> None:
+    model, _, targets = _model("mlp")
+    model = _adapt(model, "peft", {"a": _adapter("fft", "lora", targets)})
+    model.merge_adapter()
+    with pytest.warns(UserWarning, match="already merged"):
+        model.merge_adapter()
+
+
+def test_a_layer_added_to_an_eval_model_follows_its_mode() -> None:
+    model, x, _targets = _model("mlp")
+    model = _adapt(model, "peft", {"a": _adapter("fft", "lora", ["fc1"])}).eval()
+    model.add_adapter("b", SeloraConfig.from_spectral_adapter(_adapter("dct", "lora", ["fc2"])))
+    assert not any(layer.training for layer in _layers(model))
+    _perturb(model)
+    with torch.no_grad():
+        mixed = _out(model, x, adapter_names=["a", "b", "__base__", "b"])
+    assert mixed.shape == (4, 4)
+
+
+def test_a_mixed_batch_while_merged_names_peft_s_method() -> None:
+    model, x, targets = _model("mlp")
+    model = _adapt(model, "peft", {"a": _adapter("fft", "lora", targets)}).eval()
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="unmerge_adapter"):
+        _out(model, x, adapter_names=["a"] * 4)
+
+
+def test_saving_sees_through_wrapper_modules() -> None:
+    """FSDP / activation checkpointing insert modules that state_dict() leaves out of keys."""
+    from peft.utils import get_peft_model_state_dict
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model, _, targets = _model("llama")
+    model = _adapt(model, "peft", {"default": _adapter("fft", "dora", targets)})
+    layers = model.base_model.model.model.layers
+    layers[0] = checkpoint_wrapper(layers[0])
+    assert any("_checkpoint_wrapped_module" in n for n, _ in model.named_modules())
+    saved = get_peft_model_state_dict(model)
+    coefficients = [k for k in saved if k.endswith("coefficients")]
+    expected = sum(1 for n, _ in model.named_parameters() if n.endswith("coefficients"))
+    assert len(coefficients) == expected > 0
+    assert any(".layers.0." in k for k in coefficients)

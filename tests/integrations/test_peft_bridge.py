@@ -24,7 +24,6 @@ from torch import nn
 
 import selora
 from selora.adapters import AdapterUnit
-from selora.adapters.registry import AdaptationBase, register_base, unregister_base
 from selora.integrations.peft import PEFT_TYPE, SeloraConfig, SeloraLinear, SeloraModel, register
 
 # PeftModel reads transformers' deprecated is_gradient_checkpointing
@@ -327,31 +326,6 @@ def test_config_fields_and_conversion() -> None:
 def test_config_rejects_bad_fields(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(ValueError, match=field if field != "basis" else "basis|nope"):
         SeloraConfig(**kwargs)
-
-
-def test_config_rejects_base_with_own_structure() -> None:
-    @register_base("per_layer_experts_test")
-    class Experts(AdaptationBase):
-        def forward(self, unit, x, base_out, weight0, bias):
-            return base_out
-
-        def merged_weight(self, unit, weight0):
-            return weight0
-
-        def unmerged_weight(self, unit, weight):
-            return weight
-
-        def wrap(self, name, module, adapter):
-            return module
-
-    try:
-        with pytest.raises(ValueError, match=r"selora\.inject"):
-            SeloraConfig(base="per_layer_experts_test")
-    finally:
-        unregister_base("per_layer_experts_test")
-    if "xlora" in selora.list_adapter_bases():
-        with pytest.raises(ValueError, match=r"selora\.inject"):
-            SeloraConfig(base="xlora")
 
 
 def test_unsupported_target_raises() -> None:

@@ -19,9 +19,7 @@ from selora.integrations.peft import PEFT_TYPE, SeloraConfig, SeloraPeftType
 
 
 def config(basis: str | None = "fft", base: str = "lora") -> SeloraConfig:
-    return SeloraConfig(
-        basis=basis, base=base, r=4, target_modules=["q_proj", "v_proj", "c_attn"]
-    )
+    return SeloraConfig(basis=basis, base=base, r=4, target_modules=["q_proj", "v_proj", "c_attn"])
 
 
 def test_peft_type_answers_like_peft_s_enum() -> None:
@@ -98,7 +96,7 @@ def _edit_file(path: Path, edit: object) -> None:
 
 @pytest.mark.parametrize("door", ["transformers", "peft"])
 def test_every_loader_applies_the_stored_locations(tmp_path: Path, door: str) -> None:
-    """The locations come from the file, never from the seed: a set no generator would give loads."""
+    """Locations come from the file, never from the seed: a set no generator gives loads."""
     trained = get_peft_model(tiny_llama(), config("dct", "lora"))
     perturb(trained)
     spectra = [m for m in trained.modules() if type(m).__name__ == "SparseSpectrum"]

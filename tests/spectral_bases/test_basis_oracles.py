@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import ptwt
 import pytest
 import pywt
 import scipy.fft
 import torch
+from basis_oracles import (
+    EXTRA_WAVELETS,
+    ORACLES,
+    REGISTERED_VARIANTS,
+    REGISTERED_WAVELETS,
+    idwt2_oracle,
+)
+from basis_shapes import fit_shape
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,29 +24,6 @@ from selora.spectral_bases import WaveletTransform, get_basis, list_bases
 FAST = settings(max_examples=20, deadline=None, database=None)
 TOL = 1e-10
 
-# The design fixes which wavelet each registered wavelet basis is.
-REGISTERED_WAVELETS = {"haar": "haar", "db4": "db4", "bior": "bior2.2", "coif": "coif1"}
-# Any PyWavelets discrete name resolves through get_basis; these include filters
-# far longer than small sizes (dmey has 62 taps, db10 20, sym8 and coif3 16/18).
-EXTRA_WAVELETS = ["sym8", "coif3", "bior4.4", "dmey", "db10", "sym2", "rbio3.1", "bior1.3"]
-
-
-def idwt2_oracle(wavelet: str) -> Callable[[np.ndarray], np.ndarray]:
-    def oracle(spectrum: np.ndarray) -> np.ndarray:
-        hm, hn = spectrum.shape[-2] // 2, spectrum.shape[-1] // 2
-        a, h = spectrum[..., :hm, :hn], spectrum[..., :hm, hn:]
-        v, d = spectrum[..., hm:, :hn], spectrum[..., hm:, hn:]
-        return pywt.idwt2((a, (h, v, d)), wavelet, mode="periodization", axes=(-2, -1))
-
-    return oracle
-
-
-ORACLES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "fft": lambda f: np.fft.ifft2(f, axes=(-2, -1)).real,
-    "dct": lambda f: scipy.fft.idctn(f, norm="ortho", axes=(-2, -1)),
-    **{name: idwt2_oracle(wavelet) for name, wavelet in REGISTERED_WAVELETS.items()},
-    **{name: idwt2_oracle(name) for name in EXTRA_WAVELETS},
-}
 ALL_NAMES = [*list_bases(), *EXTRA_WAVELETS]
 
 
@@ -63,6 +46,11 @@ def test_every_registered_basis_has_an_oracle() -> None:
         basis = get_basis(name)
         assert isinstance(basis, WaveletTransform)
         assert basis.wavelet == wavelet
+        assert (basis.levels, basis.boundary) == (1, "periodization")
+    for name, (wavelet, levels, boundary) in REGISTERED_VARIANTS.items():
+        basis = get_basis(name)
+        assert isinstance(basis, WaveletTransform)
+        assert (basis.wavelet, basis.levels, basis.boundary) == (wavelet, levels, boundary)
 
 
 @pytest.mark.parametrize("name", ALL_NAMES)
@@ -72,6 +60,7 @@ def test_matches_oracle_on_drawn_shapes(name: str, data: st.DataObject) -> None:
     if is_wavelet(name):
         m = 2 * data.draw(st.integers(1, 12), label="m/2")
         n = 2 * data.draw(st.integers(1, 12), label="n/2")
+        m, n = fit_shape(name, (m, n))  # multi-level and boundary bases take fewer shapes
     else:
         m = data.draw(st.integers(1, 24), label="m")
         n = data.draw(st.integers(1, 24), label="n")

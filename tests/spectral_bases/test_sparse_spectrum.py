@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from basis_shapes import fit_shape
 
 from selora.spectral_bases import SparseSpectrum, get_basis, kaiming_variance, list_bases
 
@@ -26,8 +27,9 @@ def test_some_bases_are_orthonormal() -> None:
 
 @pytest.mark.parametrize("name", BASES)
 def test_coefficients_are_the_only_parameter(name: str) -> None:
-    spectrum = SparseSpectrum((6, 10), name, sparse_ratio=0.5)
-    k = math.floor(0.5 * 60)
+    m, n = fit_shape(name, (6, 10))
+    spectrum = SparseSpectrum((m, n), name, sparse_ratio=0.5)
+    k = math.floor(0.5 * m * n)
     params = dict(spectrum.named_parameters())
     assert list(params) == ["coefficients"]
     assert params["coefficients"].shape == (k,)
@@ -45,7 +47,7 @@ def test_coefficients_are_the_only_parameter(name: str) -> None:
 def test_forward_and_gradient_against_the_dense_reference(
     name: str, shape: tuple[int, int], k: int, dense_operator, energy_of
 ) -> None:
-    m, n = shape
+    m, n = shape = fit_shape(name, shape)
     spectrum = SparseSpectrum(shape, name, n_coeffs=k, seed=3, dtype=torch.float64)
     dense = dense_operator(get_basis(name), shape)  # float64, column p = vec T(e_p)
     rng = np.random.default_rng(k)
@@ -155,14 +157,15 @@ def test_orthonormal_energy_follows_theory(name: str, shape: tuple[int, int], ra
         variance = spectrum().var(correction=0).item()
     assert variance == pytest.approx(k / (m * n), rel=6 * math.sqrt(2.0 / k))
 
-    # Calibrated: the gain scales a standard deviation, and T keeps the norm, so
-    # ||s||^2 = ||M||^2 = mn (var + mean^2) = m/3 + mn mean(M)^2, mean(M) ~ 0.
+    # Calibrated: the gain sets the mean square of M's entries to the Kaiming variance
+    # 1 / (3n) (the draws have zero mean), and T keeps the norm, so exactly
+    # ||s||^2 = ||M||^2 = mn / (3n) = m / 3.
     spectrum.reset_parameters(torch.Generator().manual_seed(99))
     with torch.no_grad():
         energy = spectrum.coefficients.square().sum().item()
-        mean = spectrum().mean().item()
-    assert energy == pytest.approx(m / 3.0 + m * n * mean**2, rel=1e-9)
-    assert energy == pytest.approx(m / 3.0, rel=0.05)
+        mean_square = spectrum().square().mean().item()
+    assert energy == pytest.approx(m / 3.0, rel=1e-9)
+    assert mean_square == pytest.approx(1.0 / (3.0 * n), rel=1e-9)
 
 
 @pytest.mark.parametrize("name", BASES)
@@ -204,3 +207,13 @@ def test_reset_zero(name: str) -> None:
     assert torch.equal(spectrum.indices, indices)
     # and it stays trainable
     assert spectrum.coefficients.requires_grad
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_constant_matrix_calibrates(seed: int) -> None:
+    """One coefficient at the constant (DC) position gives a constant matrix: its entries'
+    mean square is the Kaiming variance (the sample variance would be 0 and refuse it)."""
+    spectrum = SparseSpectrum((1, 4), "dct", sparse_ratio=0.6, seed=seed, dtype=torch.float64)
+    with torch.no_grad():
+        mean_square = spectrum().square().mean().item()
+    assert mean_square == pytest.approx(1.0 / (3.0 * 4), rel=1e-9)

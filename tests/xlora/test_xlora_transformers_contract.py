@@ -1,7 +1,7 @@
 """The transformers behaviour that X-LoRA's cached generation relies on, one test each.
 
 X-LoRA's scoring pass keeps its own KV history inside the model's cache object
-(``selora.adapters.xlora_passes``). That is correct only while transformers
+(``selora.xlora.passes``). That is correct only while transformers
 behaves as these tests check. When an upstream release changes one of them,
 the failing test names the behaviour, instead of generation silently giving
 other tokens.
@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 import torch
-from adapters_testkit import tiny_llama, token_batch
 from torch import nn
+from xlora_testkit import tiny_llama, token_batch
 
-from selora.adapters.xlora_passes import CACHE_KEYWORDS
+from selora.xlora.passes import CACHE_KEYWORDS
 
 transformers = pytest.importorskip("transformers")
 from transformers import Cache, DynamicCache  # noqa: E402

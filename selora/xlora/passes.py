@@ -1,36 +1,46 @@
-r"""X-LoRA's two passes: a no-grad scoring pass, then the call itself with weighted experts.
+r"""X-LoRA's two passes: a no-grad scoring pass with the adapters off, then the mixed call.
 
-:func:`attach_classifier` registers, on the model given to :func:`selora.inject`,
-a forward pre-hook that runs the scoring pass (no grad, experts off,
-``output_hidden_states=True``) and the classifier, and stores each layer's
-weights :math:`g(x)` on its :class:`~selora.adapters.xlora_classifier.XLoRALayer`;
-a forward hook clears them after the call. During incremental decoding the
-scoring pass extends a KV history of its own, kept in the model's cache object
-(see :func:`_scoring_cache`), so that it sees earlier tokens as the base model
-saw them. Only public transformers API is used: the cache keyword of the
-forward, the :class:`transformers.Cache` object and its ``layers`` list.
+:class:`Passes` hooks them onto the wrapped model (a forward pre-hook and a
+forward hook), so that ``model(...)``, ``model.generate(...)`` and the
+:class:`~selora.xlora.XLoRAModel` around it all run them:
+
+1. the scoring pass: ``model.forward`` itself (no hooks) under ``torch.no_grad()``
+   inside :func:`~selora.adapters.routing.mixed` with no adapter (every layer
+   gives :math:`W_0 x + b`), with ``output_hidden_states=True``, ``labels``
+   dropped and, where the forward takes them, ``use_cache=False`` and
+   ``logits_to_keep=1``;
+2. the classifier on the last hidden states gives :math:`g`;
+3. the call itself runs inside :func:`~selora.adapters.routing.mixed` with
+   :math:`g`: the weights travel with the call (a context variable), never on
+   the shared layers, so concurrent calls from several threads are safe.
+
+During incremental decoding the scoring pass extends a KV history of its own,
+kept in the model's cache object (see :func:`_scoring_cache`), so that it sees
+earlier tokens as the base model saw them: cached generation equals uncached.
+Only public transformers API is used: the cache keyword of the forward, the
+:class:`transformers.Cache` object and its ``layers`` list.
+
+Cost: the scoring pass stores no activations, so a training step costs about
+one extra forward on top of the mixed step.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import inspect
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
-from selora.adapters.xlora_classifier import (
-    CLASSIFIER_ATTR,
-    XLoRAClassifier,
-    XLoRALayer,
-    xlora_layers,
-)
+from selora.adapters.routing import Mixture, current_mixture, current_routing, mixed
 
-__all__ = ["attach_classifier", "model_hidden_size"]
+__all__ = ["CACHE_KEYWORDS", "SCORING_START_ATTR", "Passes", "model_hidden_size", "scoring_pass"]
 
 
 def _accepts(function: Any, name: str, *, var_keyword: bool = True) -> bool:
@@ -41,18 +51,6 @@ def _accepts(function: Any, name: str, *, var_keyword: bool = True) -> bool:
     if name in params:
         return True
     return var_keyword and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
-@contextlib.contextmanager
-def _scoring(layers: list[XLoRALayer]) -> Iterator[None]:
-    """Make every X-LoRA layer return its frozen output inside the block."""
-    for layer in layers:
-        layer.scoring = True
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.scoring = False
 
 
 def _last_hidden_state(output: Any, model: nn.Module) -> Tensor:
@@ -181,25 +179,20 @@ def _keep_scoring_history(cache: Any, view: Any) -> None:
     setattr(cache, SCORING_START_ATTR, n_model)
 
 
-def _pre_forward(
-    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-    """Forward pre-hook: the no-grad scoring pass, then the classifier; sets each layer's weights.
+def scoring_pass(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+    """Run the scoring pass (no grad, adapters off) and return the last hidden states.
 
     Args:
-        model: the adapted model (the hook is registered on it).
+        model: the wrapped model (its ``forward`` is called, not its hooks).
         args: the positional arguments of the call.
-        kwargs: its keyword arguments (``labels`` and all).
+        kwargs: its keyword arguments (``labels``, a KV cache, ...).
 
     Returns:
-        ``None``: the call itself then runs unchanged, as the second pass.
+        The last hidden states ``(batch, seq, H)``.
+
+    Raises:
+        TypeError: for a KV cache the scoring pass cannot extend (see :func:`_scoring_cache`).
     """
-    classifier = getattr(model, CLASSIFIER_ATTR, None)
-    layers = xlora_layers(model)
-    if not isinstance(classifier, XLoRAClassifier) or any(layer.scoring for layer in layers):
-        return None
-    if all(layer.disabled or layer.merged for layer in layers):
-        return None  # the base model: nothing to weight
     scoring = dict(kwargs)
     scoring.pop("labels", None)
     scoring["output_hidden_states"] = True
@@ -209,72 +202,168 @@ def _pre_forward(
     if _accepts(forward, "logits_to_keep", var_keyword=False):
         scoring["logits_to_keep"] = 1
     keyword = _cache_keyword(forward, args, kwargs)
+    view, fresh = None, False
     if keyword is not None:
         view, fresh = _scoring_cache(kwargs[keyword])
         scoring[keyword] = view
     elif _accepts(forward, "use_cache", var_keyword=False):
         scoring["use_cache"] = False  # build no cache that nobody reads
-    with torch.no_grad(), _scoring(layers):
+    with torch.no_grad(), mixed(Mixture()):
         output = forward(*args, **scoring)
     if keyword is not None and fresh:
         _keep_scoring_history(kwargs[keyword], view)
-    weights = classifier(_last_hidden_state(output, model))
-    for layer in layers:
-        layer.expert_weights = (
-            weights[..., layer.layer_index, :] if classifier.layerwise else weights
-        )
-    return None
+    return _last_hidden_state(output, model)
 
 
-def _post_forward(model: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-    """Forward hook: drop the weights (kept under gradient checkpointing, which re-runs layers)."""
-    if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
-        return
-    for layer in xlora_layers(model):
-        layer.expert_weights = None
+_KEEPS_MIXTURE = "selora_keeps_mixture"
 
 
-def _detach(model: nn.Module) -> None:
-    """The model's ``selora_unload`` hook: remove the hooks, the classifier and itself.
+def _keeping_mixture(checkpoint: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a gradient-checkpointing function so that its recomputation sees the call's mixture.
 
-    :func:`selora.unload` calls it while iterating ``model.modules()``, right
-    after yielding ``model`` itself and before its children, so the
-    classifier can still be removed from ``model``.
+    Activation checkpointing re-runs a block in the backward pass, after the
+    call (and its context variable) ended; the wrapped function captures the
+    mixture when the block first runs and sets it again around every run.
     """
-    classifier = model._modules.pop(CLASSIFIER_ATTR, None)
-    if isinstance(classifier, XLoRAClassifier):
-        for handle in classifier.hook_handles:
-            handle.remove()
-        classifier.hook_handles = []
-    vars(model).pop("selora_unload", None)
+
+    @functools.wraps(checkpoint)
+    def run(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        mixture = current_mixture()
+
+        def body(*a: Any, **k: Any) -> Any:
+            with mixed(mixture):
+                return function(*a, **k)
+
+        return checkpoint(body, *args, **kwargs)
+
+    setattr(run, _KEEPS_MIXTURE, True)
+    return run
 
 
-def attach_classifier(model: nn.Module, classifier: XLoRAClassifier) -> None:
-    """Add ``classifier`` to ``model`` and hook the two passes onto its forward.
+class _OpenCalls:
+    """The mixtures of the calls in progress, one stack per thread (calls may nest).
 
-    Registers ``model.selora_xlora_classifier``, a forward pre-hook (the
-    scoring pass and the classifier), a forward hook (clears the weights,
-    also when the forward raises) and ``model.selora_unload``, which
-    :func:`selora.unload` calls to remove all three.
+    Not copied with the model: a copy starts with no call in progress.
+    """
+
+    def __init__(self) -> None:
+        self.local = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.local = threading.local()
+
+    def stack(self) -> list[AbstractContextManager[None] | None]:
+        stack: list[AbstractContextManager[None] | None] | None = getattr(self.local, "s", None)
+        if stack is None:
+            stack = self.local.s = []
+        return stack
+
+
+class Passes:
+    """The forward pre-hook and forward hook that run X-LoRA's two passes on a model.
 
     Args:
-        model: the adapted model.
-        classifier: the classifier; its ``n_layers`` must match the model's X-LoRA layers.
+        classifier: the classifier giving the weights from the hidden states.
+        names: the experts' adapter names, in the classifier's order.
+        layers: each layer holding an expert -> its index (for per-layer weights).
+        layerwise: whether the classifier gives one set of weights per layer.
     """
-    model.add_module(CLASSIFIER_ATTR, classifier)
-    classifier.hook_handles = [
-        model.register_forward_pre_hook(_pre_forward, with_kwargs=True),
-        model.register_forward_hook(_post_forward, always_call=True),
-    ]
-    setattr(model, "selora_unload", functools.partial(_detach, model))  # noqa: B010
+
+    def __init__(
+        self,
+        classifier: nn.Module,
+        names: tuple[str, ...],
+        layers: Mapping[nn.Module, int],
+        *,
+        layerwise: bool,
+    ) -> None:
+        self.classifier = classifier
+        self.names = names
+        self.layers = dict(layers)
+        self.layerwise = layerwise
+        self.calls = _OpenCalls()
+        self.handles: list[RemovableHandle] = []
+
+    def attach(self, model: nn.Module) -> None:
+        """Register the two hooks on ``model``.
+
+        Args:
+            model: the adapted model.
+        """
+        self.handles = [
+            model.register_forward_pre_hook(self.before, with_kwargs=True),
+            model.register_forward_hook(self.after, always_call=True),
+        ]
+
+    def detach(self) -> None:
+        """Remove the hooks."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def weights(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        """Run the scoring pass and the classifier on a call's arguments.
+
+        Args:
+            model: the adapted model.
+            args: the call's positional arguments.
+            kwargs: its keyword arguments.
+
+        Returns:
+            :math:`g`: ``(batch, seq, K)``, or ``(batch, seq, L, K)`` when layerwise.
+        """
+        weights: Tensor = self.classifier(scoring_pass(model, args, kwargs))
+        return weights
+
+    def _keep_mixture_in_checkpoints(self, model: nn.Module) -> None:
+        for module in model.modules():
+            func = getattr(module, "_gradient_checkpointing_func", None)
+            if callable(func) and not getattr(func, _KEEPS_MIXTURE, False):
+                setattr(module, "_gradient_checkpointing_func", _keeping_mixture(func))  # noqa: B010
+
+    def before(
+        self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """Forward pre-hook: scoring pass, classifier, then open the call's mixture.
+
+        Raises:
+            ValueError: for ``adapter_names`` (X-LoRA mixes its experts itself).
+        """
+        stack = self.calls.stack()
+        stack.append(None)  # the forward hook pops it even if this hook raises
+        if kwargs.get("adapter_names") is not None or current_routing() is not None:
+            raise ValueError(
+                "X-LoRA mixes its experts per token itself; adapter_names is not supported"
+            )
+        if current_mixture() is not None:
+            return None  # inside an outer mixture (a recomputation): keep it
+        if all(getattr(layer, "disabled", False) for layer in self.layers):
+            return None  # selora.disable_adapters: the base model
+        if torch.is_grad_enabled():
+            self._keep_mixture_in_checkpoints(model)
+        weights = self.weights(model, args, kwargs)
+        block = mixed(Mixture(self.names, weights, self.layers if self.layerwise else None))
+        block.__enter__()
+        stack[-1] = block
+        return None
+
+    def after(self, model: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        """Forward hook (also when the forward raises): close the call's mixture."""
+        stack = self.calls.stack()
+        block = stack.pop() if stack else None
+        if block is not None:
+            block.__exit__(None, None, None)
 
 
 def model_hidden_size(model: nn.Module, override: int | None) -> int:
     """Return the hidden size the classifier reads, or raise saying what X-LoRA needs.
 
     Args:
-        model: the model given to :func:`selora.inject`.
-        override: the ``hidden_size`` option.
+        model: the model given to :class:`~selora.xlora.XLoRAModel`.
+        override: ``XLoRAConfig.hidden_size``.
 
     Returns:
         ``override``, else ``model.config.hidden_size``.
@@ -287,7 +376,7 @@ def model_hidden_size(model: nn.Module, override: int | None) -> int:
     need = (
         "X-LoRA needs a Hugging Face transformers model (a causal LM or an encoder): its "
         "classifier reads the last hidden states of a first pass, so the model must have "
-        "config.hidden_size (or give base_options hidden_size) and a forward taking "
+        "config.hidden_size (or give XLoRAConfig.hidden_size) and a forward taking "
         "output_hidden_states=True that returns .hidden_states"
     )
     if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:

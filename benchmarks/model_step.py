@@ -161,10 +161,16 @@ def make_formation(model: nn.Module, batched: bool) -> Callable[[], None] | None
 
     def run() -> None:
         if batched:
-            with formed_factors(spectra):
-                from selora.adapters.factor_batch import prebuilt
+            from selora.adapters import factor_batch
 
-                formed = [prebuilt(s) for s in spectra]
+            # measured on every device, the CPU included (where training leaves it off)
+            devices = factor_batch.BATCHED_DEVICE_TYPES
+            factor_batch.BATCHED_DEVICE_TYPES = devices | {spectra[0].coefficients.device.type}
+            try:
+                with formed_factors(spectra):
+                    formed = [factor_batch.prebuilt(s) for s in spectra]
+            finally:
+                factor_batch.BATCHED_DEVICE_TYPES = devices
             factors = [f if f is not None else s() for f, s in zip(formed, spectra, strict=True)]
         else:
             factors = [s() for s in spectra]

@@ -84,6 +84,12 @@ class DoRA(AdaptationBase):
         self, unit: AdapterUnit, x: Tensor, base_out: Tensor, weight0: Tensor, bias: Tensor | None
     ) -> Tensor:
         """Return the DoRA output from the frozen output (see the class docstring)."""
+        return base_out + self.delta(unit, x, base_out, weight0, bias)
+
+    def delta(
+        self, unit: AdapterUnit, x: Tensor, base_out: Tensor, weight0: Tensor, bias: Tensor | None
+    ) -> Tensor:
+        r"""Return :math:`(g - 1) \odot W_0 x + g \odot \tfrac{\alpha}{r}\tilde B \tilde A x`."""
         a, b = unit.factors(x.dtype)
         with torch.no_grad():
             delta = delta_weight(unit, a, b)
@@ -92,7 +98,7 @@ class DoRA(AdaptationBase):
         gain = (magnitude / _divisor(norm)).to(base_out.dtype)
         base_no_bias = base_out if bias is None else base_out - bias
         update = low_rank_update(unit, x, a, b).to(base_out.dtype)
-        return base_out + (gain - 1) * base_no_bias + gain * update
+        return (gain - 1) * base_no_bias + gain * update
 
     def update(self, unit: AdapterUnit, weight0: Tensor | None) -> Update:
         r"""Return :math:`(S, C) = (g - 1,\ g \odot \tfrac{\alpha}{r}\tilde B \tilde A)` per row.

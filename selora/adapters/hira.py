@@ -31,9 +31,15 @@ class HiRA(AdaptationBase):
         self, unit: AdapterUnit, x: Tensor, base_out: Tensor, weight0: Tensor, bias: Tensor | None
     ) -> Tensor:
         r"""Add :math:`(W_0 \odot \tilde B \tilde A) x` to the frozen output."""
+        return base_out + self.delta(unit, x, base_out, weight0, bias)
+
+    def delta(
+        self, unit: AdapterUnit, x: Tensor, base_out: Tensor, weight0: Tensor, bias: Tensor | None
+    ) -> Tensor:
+        r"""Return :math:`(W_0 \odot \tilde B \tilde A)\,\mathrm{drop}(x)` alone."""
         a, b = unit.factors(x.dtype)
         update = weight0.to(x.dtype) * (b @ a)
-        out: Tensor = base_out + nnf.linear(unit.dropout(x), update).to(base_out.dtype)
+        out: Tensor = nnf.linear(unit.dropout(x), update).to(base_out.dtype)
         return out
 
     def _product(self, unit: AdapterUnit) -> Tensor:

@@ -434,8 +434,8 @@ class SpectralLayer(nn.Module):
                 continue
             if out is base_out:
                 out = unit(x, base_out, weight0, bias)
-            else:
-                out = out + (unit(x, base_out, weight0, bias) - base_out)
+            else:  # one full-size addition per further adapter, as PEFT's LoRA
+                out = out + unit.delta(x, base_out, weight0, bias)  # type: ignore[operator]
         return out
 
     def _mixture_forward(self, x: Tensor, mixture: Mixture, *args: Any, **kwargs: Any) -> Tensor:
@@ -462,7 +462,7 @@ class SpectralLayer(nn.Module):
         out = base_out
         for i, unit in held:
             assert unit is not None
-            delta = unit(x, base_out, weight0, bias) - base_out
+            delta = unit.delta(x, base_out, weight0, bias)  # type: ignore[operator]
             out = out + gates[..., i : i + 1].to(delta.dtype) * delta
         return out
 

@@ -64,9 +64,15 @@ class LoRA(AdaptationBase):
         self, unit: AdapterUnit, x: Tensor, base_out: Tensor, weight0: Tensor, bias: Tensor | None
     ) -> Tensor:
         """Add the low-rank update to the frozen output (see :func:`low_rank_update`)."""
+        return base_out + self.delta(unit, x, base_out, weight0, bias)
+
+    def delta(
+        self, unit: AdapterUnit, x: Tensor, base_out: Tensor, weight0: Tensor, bias: Tensor | None
+    ) -> Tensor:
+        r"""Return :math:`\tfrac{\alpha}{r}\tilde B \tilde A\,\mathrm{drop}(x)` alone."""
         a, b = unit.factors(x.dtype)
         update = low_rank_update(unit, x, a, b)
-        return base_out + (update if update.dtype == base_out.dtype else update.to(base_out.dtype))
+        return update if update.dtype == base_out.dtype else update.to(base_out.dtype)
 
     def update(self, unit: AdapterUnit, weight0: Tensor | None) -> Update:
         r"""Return :math:`(S, C) = (0, \tfrac{\alpha}{r} \tilde B \tilde A)`."""

@@ -92,6 +92,27 @@ class AdaptationBase(abc.ABC):
             The adapted output, ``(..., d_out)``.
         """
 
+    def delta(
+        self, unit: AdapterUnit, x: Tensor, base_out: Tensor, weight0: Tensor, bias: Tensor | None
+    ) -> Tensor:
+        r"""Return the update alone, :math:`f(x) - (W_0 x + b)` (what several adapters add up).
+
+        The default subtracts the frozen output from :meth:`forward`; a base
+        overrides it to skip that full-size subtraction (and :meth:`forward`'s
+        addition), which a layer with several active adapters pays per adapter.
+
+        Args:
+            unit: the adapter unit.
+            x: the layer input ``(..., d_in)``.
+            base_out: the frozen layer's output, ``(..., d_out)``.
+            weight0: :math:`W_0`, ``(d_out, d_in)``.
+            bias: :math:`b` or ``None``.
+
+        Returns:
+            ``(..., d_out)`` in ``base_out``'s dtype.
+        """
+        return self.forward(unit, x, base_out, weight0, bias) - base_out
+
     @abc.abstractmethod
     def update(self, unit: AdapterUnit, weight0: Tensor | None) -> Update:
         r"""Return the merge update :math:`(S, C)`: merging writes :math:`W_0 + W_0 \odot S + C`.

@@ -284,6 +284,21 @@ class AdapterUnit(nn.Module):
         out: Tensor = self.base.forward(self, x, base_out, weight0, bias)
         return out
 
+    def delta(self, x: Tensor, base_out: Tensor, weight0: Tensor, bias: Tensor | None) -> Tensor:
+        """Return the update alone, ``forward(...) - base_out`` (see :meth:`AdaptationBase.delta`).
+
+        Args:
+            x: layer input ``(..., d_in)``.
+            base_out: frozen output ``(..., d_out)``.
+            weight0: ``(d_out, d_in)``.
+            bias: the frozen bias or ``None``.
+
+        Returns:
+            ``(..., d_out)``.
+        """
+        out: Tensor = self.base.delta(self, x, base_out, weight0, bias)
+        return out
+
     def extra_repr(self) -> str:
         """Name the base of adaptation and the scale."""
         return f"base={self.adapter.base!r}, scaling={self.scaling:g}"

@@ -188,21 +188,31 @@ def test_a_float64_layer_merges_in_float64_through_both_doors() -> None:
 
 
 @pytest.mark.parametrize("door", DOORS)
+@pytest.mark.parametrize("kind", MODELS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_safe_merge_refuses_a_non_finite_delta_and_changes_nothing(door: str, bad: float) -> None:
-    model, _x, targets = _model("llama")
-    model = _adapt(model, door, {"a": _adapter("coif", "lora", targets)}).eval()
-    _perturb(model)
-    layer = _layers(model)[-1]
-    with torch.no_grad():
-        layer.unit("a").lora_B.coefficients[0] = bad
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="NaN or inf"):
-        _merge(model, door, None, safe=True)
-    after = model.state_dict()
-    assert before.keys() == after.keys()
-    assert all(torch.equal(before[k], after[k]) or k.endswith("coefficients") for k in before)
-    assert not any(layer.merged for layer in _layers(model))
+def test_safe_merge_refuses_a_non_finite_delta_and_changes_nothing(
+    door: str, kind: str, bad: float
+) -> None:
+    for basis in SPECTRAL:
+        for base in BASES_OF_ADAPTATION:
+            model, _, targets = _model(kind)
+            model = _adapt(model, door, {"a": _adapter(basis, base, targets)}).eval()
+            _perturb(model)
+            layer = _layers(model)[-1]
+            factor = layer.unit("a").lora_B
+            with torch.no_grad():
+                tensor = factor.weight if basis is None else factor.coefficients
+                tensor.view(-1)[0] = bad
+            before = {k: v.clone() for k, v in model.state_dict().items()}
+            with pytest.raises(ValueError, match="NaN or inf"):
+                _merge(model, door, None, safe=True)
+            after = model.state_dict()
+            assert before.keys() == after.keys()
+            assert all(
+                torch.equal(before[k], after[k]) or not torch.isfinite(before[k]).all()
+                for k in before
+            ), (basis, base)
+            assert not any(layer.merged for layer in _layers(model)), (basis, base)
 
 
 # ------------------------------------------------------------------ mixed batches

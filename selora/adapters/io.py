@@ -63,7 +63,7 @@ from selora.adapters.checkpoint_read import (
 )
 from selora.adapters.config import SpectralAdapter
 from selora.adapters.layer import SpectralLayer
-from selora.adapters.layer_types import frozen_weight, is_supported_layer
+from selora.adapters.layer_types import is_supported_layer, weight_shape
 from selora.adapters.model import ADAPTERS_ATTR, adapter_config, inject
 from selora.adapters.patterns import resolve_for_module
 from selora.adapters.unit import AdapterUnit
@@ -240,7 +240,7 @@ def _precheck(model: nn.Module, checkpoint: Checkpoint, adapter: SpectralAdapter
         if isinstance(module, SpectralLayer):
             d_out, d_in = module.out_features, module.in_features
         elif is_supported_layer(module):
-            d_out, d_in = (int(s) for s in frozen_weight(module).shape)
+            d_out, d_in = weight_shape(module)  # a quantized weight is stored packed
         else:
             raise AdapterCheckpointError(
                 f"{where}: module {layer!r} is a {type(module).__name__}, not a layer selora adapts"

@@ -25,7 +25,6 @@ so merged and unmerged outputs agree for any mix of LoRA, DoRA and HiRA.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -35,16 +34,25 @@ from torch import Tensor, nn
 
 from selora.adapters.config import SpectralAdapter
 from selora.adapters.factors import DenseFactor
+from selora.adapters.layer_forward import mixed_batch_forward, mixture_forward
 from selora.adapters.layer_types import (
     compute_dtype,
     frozen_weight,
     is_quantized_layer,
     is_supported_layer,
+    is_unsupported_quantized_layer,
+    quantized_kind,
     quantized_layer_error,
 )
+from selora.adapters.merging import (
+    UNITS_ATTR,
+    current_weight0,
+    layer_merged_weight,
+    refuse_load_while_merged,
+)
 from selora.adapters.patterns import resolve_for_module
-from selora.adapters.registry import Update
-from selora.adapters.routing import BASE_NAME, Mixture, current_mixture, current_routing
+from selora.adapters.quantized import forward_weight0, read_weight, write_weight
+from selora.adapters.routing import current_mixture, current_routing
 from selora.adapters.unit import AdapterUnit
 
 __all__ = [
@@ -57,65 +65,6 @@ __all__ = [
     "is_quantized_layer",
     "is_supported_layer",
 ]
-
-UNITS_ATTR = "selora_units"
-"""The per-adapter ``nn.ModuleDict``; keys read ``<layer>.selora_units.<adapter>.<tensor>``."""
-
-
-def _refuse_load_while_merged(
-    module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any
-) -> None:
-    """``load_state_dict`` pre-hook: refuse the tensors of a merged adapter."""
-    merged = getattr(module, "merged_adapters", None) or []
-    prefixes = tuple(f"{prefix}{UNITS_ATTR}.{name}." for name in merged)
-    keys = [k for k in state_dict if prefixes and k.startswith(prefixes)]
-    if keys:
-        name = getattr(module, "name", "") or prefix.rstrip(".") or "this layer"
-        raise RuntimeError(
-            f"{name}: cannot load {keys[0]!r} while its adapter is merged into the frozen "
-            "weight (the merged weight would keep the old update); unmerge first, load, "
-            "then merge again"
-        )
-
-
-def _sum_updates(updates: Sequence[Update]) -> Update:
-    scale: Tensor | None = None
-    shift: Tensor | None = None
-    for s, c in updates:
-        if s is not None:
-            scale = s if scale is None else scale + s
-        if c is not None:
-            shift = c if shift is None else shift + c
-    return scale, shift
-
-
-def _apply(weight0: Tensor, update: Update) -> Tensor:
-    r"""Return :math:`W_0 \odot S + C` (zero if both are ``None``)."""
-    scale, shift = update
-    out = torch.zeros_like(weight0) if shift is None else shift.to(weight0.dtype)
-    return out if scale is None else out + weight0 * scale.to(weight0.dtype)
-
-
-def _invert(weight: Tensor, update: Update, where: str) -> Tensor:
-    r"""Return :math:`W_0 = (W - C) / (1 + S)` (see :meth:`~selora.AdaptationBase.update`)."""
-    scale, shift = update
-    rest = weight if shift is None else weight - shift.to(weight.dtype)
-    if scale is None:
-        return rest
-    denominator = 1 + scale.to(weight.dtype)
-    zero = denominator == 0
-    if bool(zero.any()):
-        # A per-row scale of -1 maps a whole row to C; with the row of W - C at zero
-        # (DoRA's m_i = 0 on an all-zero row of W0) zero is the exact W0. Anywhere else
-        # the merge lost W0 for good.
-        lost = zero & (rest != 0) if scale.shape[-1] == 1 else zero
-        if bool(lost.any()):
-            raise RuntimeError(
-                f"{where}: cannot unmerge: the merge multiplied {int(lost.sum())} entries of "
-                "W0 by 1 + S = 0 (HiRA: 1 + B A has a zero entry), so W0 is lost there"
-            )
-        denominator = torch.where(zero, torch.ones_like(denominator), denominator)
-    return rest / denominator
 
 
 class SpectralLayer(nn.Module):
@@ -137,7 +86,8 @@ class SpectralLayer(nn.Module):
         merged_adapters: the adapters folded into the frozen weight, in order.
 
     Raises:
-        TypeError: if ``base_layer`` is not a supported layer type, or quantized.
+        TypeError: if ``base_layer`` is not a supported layer type (a quantized
+            one other than bitsandbytes' quantized ``Linear4bit`` / ``Linear8bitLt``).
         ValueError: if the adapter's budget does not fit this layer.
     """
 
@@ -157,7 +107,7 @@ class SpectralLayer(nn.Module):
 
     def _hold_base_layer(self, base_layer: nn.Module, name: str) -> Tensor:
         """Check, freeze and keep ``base_layer``; set sizes and flags; return :math:`W_0`."""
-        if is_quantized_layer(base_layer):
+        if is_unsupported_quantized_layer(base_layer):
             raise quantized_layer_error(base_layer, name)
         if not is_supported_layer(base_layer):
             raise TypeError(
@@ -167,7 +117,9 @@ class SpectralLayer(nn.Module):
         self.base_layer = base_layer
         for p in base_layer.parameters():
             p.requires_grad_(False)
-        weight0 = frozen_weight(base_layer)
+        # bitsandbytes 4-bit / 8-bit (selora.adapters.quantized): W0 is dequantized on demand
+        self.quantized = quantized_kind(base_layer) is not None
+        weight0 = read_weight(base_layer)
         self.out_features, self.in_features = int(weight0.shape[0]), int(weight0.shape[1])
         self.name = name
         self.selora_units = nn.ModuleDict()
@@ -177,7 +129,7 @@ class SpectralLayer(nn.Module):
         self.merged_adapters: list[str] = []
         # The private form takes the module too on torch 2.4 (the public one is 2.5+).
         self._register_load_state_dict_pre_hook(  # type: ignore[no-untyped-call]
-            _refuse_load_while_merged, with_module=True
+            refuse_load_while_merged, with_module=True
         )
         return weight0
 
@@ -288,7 +240,7 @@ class SpectralLayer(nn.Module):
         Raises:
             ValueError: if the budget does not fit this layer's shape.
         """
-        weight0 = frozen_weight(self.get_base_layer())
+        weight0 = read_weight(self.get_base_layer())
         where = f"{self.name}.{UNITS_ATTR}.{adapter_name}" if self.name else adapter_name
         adapter = resolve_for_module(adapter, self.name)  # rank / alpha / budget patterns
         unit = AdapterUnit(adapter, self.in_features, self.out_features, weight0, name=where)
@@ -416,16 +368,19 @@ class SpectralLayer(nn.Module):
             return out
         mixture = current_mixture()
         if mixture is not None:
-            return self._mixture_forward(x, mixture, *args, **kwargs)
+            return mixture_forward(self, x, mixture, *args, **kwargs)
         if adapter_names is not None:
-            return self._mixed_batch_forward(x, list(adapter_names), *args, **kwargs)
+            return mixed_batch_forward(self, x, list(adapter_names), *args, **kwargs)
         base_out: Tensor = base_layer(x, *args, **kwargs)
         if self.merged_adapters:
             return base_out
         units = self.selora_units._modules
         active = self._active_adapter
         names = [active] if isinstance(active, str) else active
-        weight0 = frozen_weight(base_layer)
+        if self.quantized:
+            weight0 = forward_weight0(base_layer, [units.get(n) for n in names])
+        else:
+            weight0 = frozen_weight(base_layer)
         bias = getattr(base_layer, "bias", None)
         out = base_out
         for name in names:
@@ -436,65 +391,6 @@ class SpectralLayer(nn.Module):
                 out = unit(x, base_out, weight0, bias)
             else:  # one full-size addition per further adapter, as PEFT's LoRA
                 out = out + unit.delta(x, base_out, weight0, bias)  # type: ignore[operator]
-        return out
-
-    def _mixture_forward(self, x: Tensor, mixture: Mixture, *args: Any, **kwargs: Any) -> Tensor:
-        r"""Return :math:`W_0 x + b + \sum_i g_i(x)\,(f_i(x) - (W_0 x + b))` (see :class:`Mixture`).
-
-        Raises:
-            ValueError: while an adapter is merged (the frozen output would hold it).
-        """
-        if self.merged_adapters:
-            raise ValueError(
-                f"{self.name or 'this layer'}: cannot mix adapters while {self.merged_adapters} "
-                "are merged; unmerge first"
-            )
-        base_layer = self._modules["base_layer"]
-        assert base_layer is not None
-        base_out: Tensor = base_layer(x, *args, **kwargs)
-        units = self.selora_units._modules
-        held = [(i, units[n]) for i, n in enumerate(mixture.names) if units.get(n) is not None]
-        if not held:
-            return base_out
-        gates = mixture.gates(self, x)
-        weight0 = frozen_weight(base_layer)
-        bias = getattr(base_layer, "bias", None)
-        out = base_out
-        for i, unit in held:
-            assert unit is not None
-            delta = unit.delta(x, base_out, weight0, bias)  # type: ignore[operator]
-            out = out + gates[..., i : i + 1].to(delta.dtype) * delta
-        return out
-
-    def _mixed_batch_forward(
-        self, x: Tensor, adapter_names: list[str], *args: Any, **kwargs: Any
-    ) -> Tensor:
-        where = self.name or "this layer"
-        if self.training:
-            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
-        if self.merged_adapters:
-            raise ValueError(
-                f"{where}: Cannot pass `adapter_names` when there are merged adapters, please "
-                "call `unmerge` first."
-            )
-        if x.ndim == 0 or len(adapter_names) != x.shape[0]:
-            raise ValueError(
-                "Length of `adapter_names` should be the same as the number of inputs, but got "
-                f"{len(adapter_names)} and {x.shape[0] if x.ndim else 0} respectively."
-            )
-        base_layer = self.get_base_layer()
-        base_out: Tensor = base_layer(x, *args, **kwargs)
-        weight0 = frozen_weight(base_layer)
-        bias = getattr(base_layer, "bias", None)
-        out = base_out.clone()
-        for name in dict.fromkeys(adapter_names):
-            if name == BASE_NAME or name not in self.selora_units:
-                continue
-            rows = torch.tensor(
-                [i for i, n in enumerate(adapter_names) if n == name], device=x.device
-            )
-            unit = self.unit(name)
-            out[rows] = unit(x[rows], base_out[rows], weight0, bias).to(out.dtype)
         return out
 
     # ------------------------------------------------------------------ merging
@@ -508,11 +404,7 @@ class SpectralLayer(nn.Module):
 
     def _current_weight0(self, weight: Tensor) -> Tensor:
         """Return :math:`W_0` in the compute dtype from the stored (maybe merged) weight."""
-        stored = weight.to(compute_dtype(weight.dtype))
-        if not self.merged_adapters:
-            return stored
-        merged = [self.unit(n).merged_update() for n in self.merged_adapters]
-        return _invert(stored, _sum_updates(merged), self.name or "this layer")
+        return current_weight0(self, weight)
 
     def merged_weight(
         self, adapter_names: Sequence[str] | None = None, *, safe: bool = False
@@ -537,56 +429,14 @@ class SpectralLayer(nn.Module):
             safe: run the checks.
 
         Returns:
-            The merged weight, the stored weight's dtype and shape.
+            The merged weight, the stored weight's dtype and shape (a quantized
+            layer's: dequantized, ``(d_out, d_in)``; :meth:`merge` requantizes it).
 
         Raises:
             RuntimeError: if a base of adaptation cannot be merged.
             ValueError: with ``safe``, if a check fails.
         """
-        where = self.name or "this layer"
-        names = self._names_to_merge(adapter_names)
-        weight = frozen_weight(self.get_base_layer())
-        if safe:
-            for name in names:
-                bad = self.unit(name).nonfinite()
-                if bad:
-                    raise ValueError(
-                        f"{where}: adapter {name!r} tensor {bad[0]!r} holds NaN or inf; "
-                        "nothing was merged"
-                    )
-        weight0 = self._current_weight0(weight)
-        update = _sum_updates([self.unit(n).update(weight0) for n in names])
-        stored = weight.to(weight0.dtype)
-        merged = (stored + _apply(weight0, update)).to(weight.dtype)
-        if safe:
-            every = [self.unit(n).merged_update() for n in self.merged_adapters]
-            self._check_round_trip(weight0, merged, _sum_updates([*every, update]), where)
-        return merged
-
-    @staticmethod
-    def _check_round_trip(weight0: Tensor, merged: Tensor, update: Update, where: str) -> None:
-        if not bool(torch.isfinite(merged).all()):
-            raise ValueError(
-                f"{where}: the merged weight holds NaN or inf in {merged.dtype}; nothing was merged"
-            )
-        try:
-            restored = _invert(merged.to(weight0.dtype), update, where)
-        except RuntimeError as exc:
-            raise ValueError(
-                f"{where}: merging could not be undone ({exc}); nothing was merged"
-            ) from exc
-        restored = restored.to(merged.dtype).to(weight0.dtype)
-        eps = torch.finfo(merged.dtype).eps
-        scale = float(weight0.abs().max()) if weight0.numel() else 0.0
-        error = float((restored - weight0).abs().max()) if weight0.numel() else 0.0
-        tolerance = math.sqrt(eps) * scale if scale > 0 else 4 * eps * float(merged.abs().max())
-        if not error <= tolerance:  # NaN fails too
-            raise ValueError(
-                f"{where}: unmerging would not restore the frozen weight (a merge and unmerge "
-                f"round trip is off by up to {error:.3g} for entries up to {scale:.3g}, "
-                f"tolerance {tolerance:.3g} in {merged.dtype}): the update is too large to "
-                "merge reversibly; nothing was merged"
-            )
+        return layer_merged_weight(self, self._names_to_merge(adapter_names), safe=safe)
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
@@ -608,7 +458,7 @@ class SpectralLayer(nn.Module):
         if not names:
             return
         merged = self.merged_weight(names, safe=safe_merge)
-        frozen_weight(self.get_base_layer()).copy_(merged)
+        write_weight(self.get_base_layer(), merged)  # requantized if quantized
         for name in names:
             self.unit(name).record_merge()
             self.merged_adapters.append(name)
@@ -642,8 +492,8 @@ class SpectralLayer(nn.Module):
         """
         if not self.merged_adapters:
             return
-        weight = frozen_weight(self.get_base_layer())
-        weight.copy_(self._current_weight0(weight).to(weight.dtype))
+        weight = read_weight(self.get_base_layer())
+        write_weight(self.get_base_layer(), self._current_weight0(weight).to(weight.dtype))
         for name in self.merged_adapters:
             if name in self.selora_units:
                 self.unit(name).forget_merge()

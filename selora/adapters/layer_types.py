@@ -1,12 +1,17 @@
 """The layers selora wraps: which ones, how their weight reads, and the adapters' dtype.
 
 ``nn.Linear`` and Hugging Face's ``Conv1D`` (whose weight is stored
-transposed) are wrapped; quantized linear layers (bitsandbytes and the like,
-which subclass ``nn.Linear``) are recognised so that they can be refused with
-a clear message instead of computing something else.
+transposed) are wrapped, and so are bitsandbytes' quantized ``Linear4bit`` and
+``Linear8bitLt`` (see :mod:`selora.adapters.quantized`). Other quantized
+linear layers (HQQ, quanto, torchao, AWQ, GPTQ, which subclass ``nn.Linear``
+too) are recognised so that they can be refused with a clear message instead
+of computing something else.
 """
 
 from __future__ import annotations
+
+import importlib
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -16,7 +21,10 @@ __all__ = [
     "frozen_weight",
     "is_quantized_layer",
     "is_supported_layer",
+    "is_unsupported_quantized_layer",
+    "quantized_kind",
     "quantized_layer_error",
+    "weight_shape",
 ]
 
 
@@ -74,7 +82,7 @@ def _from_package(cls: type, packages: tuple[str, ...]) -> bool:
 
 
 def is_quantized_layer(module: nn.Module) -> bool:
-    """Tell whether ``module`` is a quantized layer, which selora cannot adapt yet.
+    """Tell whether ``module`` is quantized (adapted or refused: see :func:`quantized_kind`).
 
     Detected without importing any quantization library: the layer's class or
     its weight's class comes from a quantization package (bitsandbytes'
@@ -98,11 +106,70 @@ def is_quantized_layer(module: nn.Module) -> bool:
     return False
 
 
-def quantized_layer_error(module: nn.Module, name: str) -> TypeError:
-    """The error raised for a quantized target, naming the module and its type.
+def quantized_kind(module: nn.Module) -> str | None:
+    """Name the kind of a quantized layer selora adapts, or ``None``.
+
+    ``"bnb_4bit"``: a bitsandbytes ``Linear4bit`` whose weight is a quantized
+    ``Params4bit``; ``"bnb_8bit"``: a ``Linear8bitLt`` whose weight is an
+    ``int8`` ``Int8Params`` (``has_fp16_weights=False``, the QLoRA / inference
+    form). Anything else (a bitsandbytes layer not quantized yet, another
+    library's layer, a float layer) gives ``None``. bitsandbytes is imported
+    only when the layer's class comes from it.
 
     Args:
-        module: a layer for which :func:`is_quantized_layer` holds.
+        module: any module.
+
+    Returns:
+        The kind, or ``None``.
+    """
+    if not _from_package(type(module), ("bitsandbytes",)):
+        return None
+    bnn: Any = importlib.import_module("bitsandbytes.nn")  # untyped; only if the class is bnb's
+    weight = getattr(module, "weight", None)
+    if isinstance(module, bnn.Linear4bit) and isinstance(weight, bnn.Params4bit):
+        quantized = bool(getattr(weight, "bnb_quantized", False))
+        return "bnb_4bit" if quantized and weight.quant_state is not None else None
+    if isinstance(module, bnn.Linear8bitLt) and isinstance(weight, bnn.Int8Params):
+        return "bnb_8bit" if weight.dtype == torch.int8 else None
+    return None
+
+
+def is_unsupported_quantized_layer(module: nn.Module) -> bool:
+    """Tell whether ``module`` is quantized in a form selora does not adapt (it is refused).
+
+    Args:
+        module: any module.
+
+    Returns:
+        ``True`` if :func:`is_quantized_layer` holds and :func:`quantized_kind` is ``None``.
+    """
+    return is_quantized_layer(module) and quantized_kind(module) is None
+
+
+def weight_shape(module: nn.Module) -> tuple[int, int]:
+    """Return ``(d_out, d_in)`` of a supported (maybe quantized) layer.
+
+    A quantized weight is stored packed, so its shape is read from the layer's
+    ``out_features`` / ``in_features``.
+
+    Args:
+        module: a supported layer.
+
+    Returns:
+        ``(d_out, d_in)``.
+    """
+    if quantized_kind(module) is not None:
+        layer: Any = module
+        return int(layer.out_features), int(layer.in_features)
+    d_out, d_in = frozen_weight(module).shape
+    return int(d_out), int(d_in)
+
+
+def quantized_layer_error(module: nn.Module, name: str) -> TypeError:
+    """The error raised for an unsupported quantized target, naming the module and its type.
+
+    Args:
+        module: a layer for which :func:`is_unsupported_quantized_layer` holds.
         name: its name in the model.
 
     Returns:
@@ -113,8 +180,10 @@ def quantized_layer_error(module: nn.Module, name: str) -> TypeError:
     stored = f", weight {weight.dtype}" if isinstance(weight, Tensor) else ""
     return TypeError(
         f"cannot adapt {name or 'the module'!r}: it is a quantized layer "
-        f"({cls.__module__}.{cls.__qualname__}{stored}), which selora does not support yet; "
-        "load the base model unquantized or leave this module out of target_modules"
+        f"({cls.__module__}.{cls.__qualname__}{stored}), which selora does not support "
+        "(it adapts bitsandbytes' Linear4bit and Linear8bitLt once quantized, i.e. moved "
+        "to a device); load the base model unquantized or leave this module out of "
+        "target_modules"
     )
 
 

@@ -60,6 +60,8 @@ class LoRA(AdaptationBase):
         W_{merged} = W_0 + \frac{\alpha}{r} \tilde B \tilde A.
     """
 
+    reads_weight0 = False  # a quantized layer's forward dequantizes nothing for LoRA
+
     def forward(
         self, unit: AdapterUnit, x: Tensor, base_out: Tensor, weight0: Tensor, bias: Tensor | None
     ) -> Tensor:

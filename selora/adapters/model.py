@@ -29,8 +29,8 @@ from selora.adapters.diagnostics import (
 )
 from selora.adapters.layer import SpectralLayer
 from selora.adapters.layer_types import (
-    is_quantized_layer,
     is_supported_layer,
+    is_unsupported_quantized_layer,
     quantized_layer_error,
 )
 from selora.adapters.model_hooks import attach_model_hooks, detach_model_hooks
@@ -165,7 +165,7 @@ def _matched(model: nn.Module, adapter: SpectralAdapter) -> list[tuple[str, nn.M
     for name, module in matched:
         if isinstance(module, SpectralLayer):
             continue
-        if is_quantized_layer(module):
+        if is_unsupported_quantized_layer(module):
             raise quantized_layer_error(module, name)
         if not is_supported_layer(module):
             raise TypeError(
@@ -223,8 +223,8 @@ def inject(model: nn.Module, adapter: SpectralAdapter, name: str = "default") ->
             ``modules_to_save`` name matches nothing; if a target cannot be
             adapted (a budget larger than a factor, an odd size for a wavelet
             basis: the message names the module).
-        TypeError: if a matched module is of an unsupported type, or quantized
-            (the message names the module and its type).
+        TypeError: if a matched module is of an unsupported type, or quantized in
+            a form selora does not adapt (the message names the module and its type).
 
     Warns:
         UserWarning: if ``adapter.exclude_modules`` matches no module of the

@@ -49,10 +49,15 @@ class AdaptationBase(abc.ABC):
     Attributes:
         name: the registered name, set by :func:`register_base`.
         mergeable: whether the update can be folded into :math:`W_0`.
+        reads_weight0: whether :meth:`forward` / :meth:`delta` read ``weight0``.
+            On a quantized layer ``weight0`` is dequantized for each call only
+            if some active base reads it; a base that leaves it ``False`` gets a
+            ``meta`` tensor of the right shape there. ``True`` (safe) by default.
     """
 
     name: ClassVar[str] = ""
     mergeable: ClassVar[bool] = True
+    reads_weight0: ClassVar[bool] = True
 
     @classmethod
     def validate_options(cls, options: dict[str, Any]) -> None:

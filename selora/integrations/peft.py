@@ -453,24 +453,36 @@ def register() -> None:
     """
     from peft import mapping
 
-    # Keyed by PeftType members in PEFT's annotations; a str key hashes and compares equal.
     configs: dict[Any, Any] = mapping.PEFT_TYPE_TO_CONFIG_MAPPING
-    tuners: dict[Any, Any] = mapping.PEFT_TYPE_TO_TUNER_MAPPING
-    prefixes: dict[Any, Any] = mapping.PEFT_TYPE_TO_PREFIX_MAPPING
-    if configs.get(PEFT_TYPE) is SeloraConfig:
-        return
-    if PEFT_TYPE in PeftType.__members__:
+    if PEFT_TYPE in PeftType.__members__ and configs.get(PEFT_TYPE) is not SeloraConfig:
         register_peft_method(
             name=PEFT_TYPE.lower(), config_cls=SeloraConfig, model_cls=SeloraModel, prefix=PREFIX
         )
         return
-    if PEFT_TYPE in configs or PEFT_TYPE in tuners:
-        raise KeyError(f"PEFT already has a method called {PEFT_TYPE!r}")
-    if PREFIX in prefixes.values():
-        raise KeyError(f"PEFT already has a method with the prefix {PREFIX!r}")
-    prefixes[PEFT_TYPE] = PREFIX
-    configs[PEFT_TYPE] = SeloraConfig
-    tuners[PEFT_TYPE] = SeloraModel
+    register_tables(PEFT_TYPE, PREFIX, SeloraConfig, SeloraModel)
+
+
+def register_tables(peft_type: str, prefix: str, config_cls: type, tuner_cls: type) -> None:
+    """Fill PEFT's method tables under the plain string ``peft_type`` (idempotent).
+
+    Raises:
+        KeyError: if another method already holds the name or the prefix.
+    """
+    from peft import mapping
+
+    # Keyed by PeftType members in PEFT's annotations; a str key hashes and compares equal.
+    configs: dict[Any, Any] = mapping.PEFT_TYPE_TO_CONFIG_MAPPING
+    tuners: dict[Any, Any] = mapping.PEFT_TYPE_TO_TUNER_MAPPING
+    prefixes: dict[Any, Any] = mapping.PEFT_TYPE_TO_PREFIX_MAPPING
+    if configs.get(peft_type) is config_cls:
+        return
+    if peft_type in configs or peft_type in tuners:
+        raise KeyError(f"PEFT already has a method called {peft_type!r}")
+    if prefix in prefixes.values():
+        raise KeyError(f"PEFT already has a method with the prefix {prefix!r}")
+    prefixes[peft_type] = prefix
+    configs[peft_type] = config_cls
+    tuners[peft_type] = tuner_cls
 
 
 register()

@@ -50,7 +50,8 @@ class SeloraLinear(SpectralLayer, SeloraLayer):  # type: ignore[misc]  # bias: T
         name: the module's name in its model, for messages.
 
     Raises:
-        TypeError: if ``base_layer`` is not a supported layer type, or quantized.
+        TypeError: if ``base_layer`` is not a supported layer type (a quantized
+            one other than bitsandbytes' quantized ``Linear4bit`` / ``Linear8bitLt``).
         ValueError: if the adapter's budget does not fit this layer.
     """
 

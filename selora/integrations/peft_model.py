@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from selora.adapters.factor_batch import active_spectra, formed_factors
 from selora.adapters.layer_types import (
     frozen_weight,
-    is_quantized_layer,
     is_supported_layer,
+    is_unsupported_quantized_layer,
     quantized_layer_error,
 )
 from selora.adapters.routing import check_adapter_names, routed
@@ -175,7 +175,8 @@ class SeloraModel(BaseTuner):
 
         Raises:
             TypeError: if the matched module is neither a supported layer nor a
-                selora layer, or is quantized (the message names the module).
+                selora layer, or is quantized in a form selora does not adapt (the
+                message names the module).
             ValueError: if the budget does not fit the layer (naming it).
         """
         if getattr(peft_config, "peft_type", None) != "SELORA":
@@ -186,7 +187,7 @@ class SeloraModel(BaseTuner):
             if isinstance(target, SeloraLinear):
                 target.update_layer(adapter_name, peft_config)
                 return
-            if is_quantized_layer(target):
+            if is_unsupported_quantized_layer(target):
                 raise quantized_layer_error(target, current_key)
             if isinstance(target, BaseTunerLayer) or not is_supported_layer(target):
                 raise TypeError(

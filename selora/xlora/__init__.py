@@ -31,9 +31,9 @@ Through PEFT: ``import selora.xlora.peft`` registers the method ``SELORA_XLORA``
 the one checkpoint of :mod:`selora.xlora.checkpoint`.
 """
 
+from selora.xlora.checkpoint import from_pretrained, load, save
 from selora.xlora.classifier import CLASSIFIER_ATTR, XLoRAClassifier
 from selora.xlora.config import XLoRAConfig
-from selora.xlora.io import from_pretrained, load, save
 from selora.xlora.model import XLoRAModel, wrap
 
 __all__ = [

@@ -1,16 +1,7 @@
-r"""The typed configuration of an X-LoRA model: :class:`XLoRAConfig`.
+"""The typed configuration of an X-LoRA model: :class:`XLoRAConfig`.
 
-X-LoRA (Buehler & Buehler, 2024) mixes :math:`K` named adapters (the experts)
-of the shared :class:`~selora.SpectralLayer` with per-token weights
-
-.. math::
-
-    g(x) = \operatorname{renorm}\!\Big(\operatorname{top}_k\big(
-        \operatorname{softmax}(z(h) / \tau)\big)\Big), \qquad z = \mathrm{MLP}(h),
-
-where :math:`h` is the last hidden state of the token in a first pass without
-gradients and with the adapters off. The config says which experts, how the
-weights are formed, and the classifier's shape.
+It says which experts, how the weights :math:`g` are formed
+(:mod:`selora.xlora.classifier`), and the classifier's shape.
 """
 
 from __future__ import annotations
@@ -137,11 +128,7 @@ class XLoRAConfig:
         return tuple(self.experts)
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the JSON-serialisable fields (``checkpoints`` left out: a save holds the experts).
-
-        Returns:
-            The fields by name, ``experts`` as a list of names.
-        """
+        """Return the JSON-serialisable fields, ``experts`` as names (never ``checkpoints``)."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["experts"] = list(self.names)
         del data["checkpoints"]
@@ -149,17 +136,7 @@ class XLoRAConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> XLoRAConfig:
-        """Build the config from :meth:`to_dict`'s output.
-
-        Args:
-            data: the fields; unknown keys raise.
-
-        Returns:
-            The config.
-
-        Raises:
-            ValueError: naming an unknown field or a bad value.
-        """
+        """Build the config from :meth:`to_dict`'s output; an unknown key raises ``ValueError``."""
         known = {f.name for f in dataclasses.fields(cls)} - {"checkpoints"}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -1,18 +1,7 @@
-r"""X-LoRA as a wrapper of the whole model: :class:`XLoRAModel`.
+r"""X-LoRA as a wrapper of the whole model: :class:`XLoRAModel` (the formula: :mod:`selora.xlora`).
 
-The experts are named adapters of the shared :class:`~selora.SpectralLayer`
-(any basis, base lora / dora / hira each). Each layer holding some of them computes
-
-.. math::
-
-    y = W_0 x + b + \sum_{i=1}^{K} g_i(x)\,\big(f_i(x) - (W_0 x + b)\big),
-
-with :math:`f_i` the output of expert :math:`i` alone (for LoRA,
-:math:`f_i(x) - W_0 x - b = \tfrac{\alpha_i}{r_i}\tilde B_i \tilde A_i x`) and
-:math:`g(x)` the classifier's per-token (optionally per-layer) weights, read from
-the last hidden states of a first no-grad pass with the adapters off
-(:mod:`selora.xlora.passes`). With one-hot weights the model is the chosen
-expert alone; with one expert and :math:`g = 1`, that adapter.
+With one-hot weights the model is the chosen expert alone; with one expert and
+:math:`g = 1`, that adapter.
 """
 
 from __future__ import annotations
@@ -157,37 +146,17 @@ class XLoRAModel(nn.Module):
     # ------------------------------------------------------------------ calls
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Call the wrapped model: scoring pass, classifier, mixed pass.
-
-        Args:
-            *args: the model's arguments.
-            **kwargs: its keyword arguments (``labels``, ``use_cache``, ...).
-
-        Returns:
-            The model's output.
-        """
+        """Call the wrapped model (its hooks run the scoring pass, classifier, mixed pass)."""
         return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """``model.generate`` with the experts mixed at every step (KV cache supported).
-
-        Args:
-            *args: ``generate``'s arguments.
-            **kwargs: its keyword arguments.
-
-        Returns:
-            What ``generate`` returns.
-        """
+        """``model.generate`` with the experts mixed at every step (KV cache supported)."""
         generate: Any = getattr(self.model, "generate")  # noqa: B009 - a transformers method
         return generate(*args, **kwargs)
 
     @torch.no_grad()
     def expert_weights(self, *args: Any, **kwargs: Any) -> Tensor:
-        """Return the weights :math:`g` the classifier gives for a call's inputs.
-
-        Args:
-            *args: the model's arguments.
-            **kwargs: its keyword arguments.
+        """Return the classifier's weights :math:`g` for a call's arguments.
 
         Returns:
             ``(batch, seq, K)``, or ``(batch, seq, L, K)`` when layerwise.
@@ -197,11 +166,7 @@ class XLoRAModel(nn.Module):
     # ------------------------------------------------------------------ surgery
 
     def merge(self, *args: Any, **kwargs: Any) -> None:
-        """Refuse: per-token weights cannot be folded into :math:`W_0`.
-
-        Raises:
-            RuntimeError: always, explaining why.
-        """
+        """Refuse (``RuntimeError``): per-token weights cannot be folded into :math:`W_0`."""
         raise RuntimeError(MERGE_ERROR)
 
     merge_and_unload = merge
@@ -223,24 +188,11 @@ class XLoRAModel(nn.Module):
         return model
 
     def save_pretrained(self, path: str | os.PathLike[str]) -> None:
-        """Save the classifier and the experts (see :func:`selora.xlora.save`).
-
-        Args:
-            path: a directory, created if needed.
-        """
-        from selora.xlora.io import save
+        """Save the classifier and the experts to directory ``path`` (:func:`selora.xlora.save`)."""
+        from selora.xlora.checkpoint import save
 
         save(self, path)
 
 
-def wrap(model: nn.Module, config: XLoRAConfig) -> XLoRAModel:
-    """Wrap ``model`` as an X-LoRA model over its named adapters (see :class:`XLoRAModel`).
-
-    Args:
-        model: the model holding the experts (or to load them into).
-        config: the X-LoRA configuration.
-
-    Returns:
-        The :class:`XLoRAModel`.
-    """
-    return XLoRAModel(model, config)
+wrap = XLoRAModel
+"""Wrap ``model`` as an X-LoRA model over its named adapters: ``wrap(model, config)``."""

@@ -180,15 +180,7 @@ def _keep_scoring_history(cache: Any, view: Any) -> None:
 
 
 def scoring_pass(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
-    """Run the scoring pass (no grad, adapters off) and return the last hidden states.
-
-    Args:
-        model: the wrapped model (its ``forward`` is called, not its hooks).
-        args: the positional arguments of the call.
-        kwargs: its keyword arguments (``labels``, a KV cache, ...).
-
-    Returns:
-        The last hidden states ``(batch, seq, H)``.
+    """Run the scoring pass (``model.forward``, no hooks, grad or adapters): last hidden states.
 
     Raises:
         TypeError: for a KV cache the scoring pass cannot extend (see :func:`_scoring_cache`).
@@ -288,11 +280,7 @@ class Passes:
         self.handles: list[RemovableHandle] = []
 
     def attach(self, model: nn.Module) -> None:
-        """Register the two hooks on ``model``.
-
-        Args:
-            model: the adapted model.
-        """
+        """Register the two hooks on ``model``."""
         self.handles = [
             model.register_forward_pre_hook(self.before, with_kwargs=True),
             model.register_forward_hook(self.after, always_call=True),
@@ -305,16 +293,7 @@ class Passes:
         self.handles = []
 
     def weights(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
-        """Run the scoring pass and the classifier on a call's arguments.
-
-        Args:
-            model: the adapted model.
-            args: the call's positional arguments.
-            kwargs: its keyword arguments.
-
-        Returns:
-            :math:`g`: ``(batch, seq, K)``, or ``(batch, seq, L, K)`` when layerwise.
-        """
+        """Run the scoring pass and the classifier on a call's arguments: :math:`g`."""
         weights: Tensor = self.classifier(scoring_pass(model, args, kwargs))
         return weights
 
@@ -359,14 +338,7 @@ class Passes:
 
 
 def model_hidden_size(model: nn.Module, override: int | None) -> int:
-    """Return the hidden size the classifier reads, or raise saying what X-LoRA needs.
-
-    Args:
-        model: the model given to :class:`~selora.xlora.XLoRAModel`.
-        override: ``XLoRAConfig.hidden_size``.
-
-    Returns:
-        ``override``, else ``model.config.hidden_size``.
+    """Return ``override``, else ``model.config.hidden_size``: what the classifier reads.
 
     Raises:
         TypeError: if the model has no hidden size or its forward takes no

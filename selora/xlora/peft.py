@@ -11,12 +11,14 @@ registers ``SELORA``), after which PEFT's own entry points work on it::
     model = get_peft_model(base, config)     # loads the experts, adds the classifier
     model.save_pretrained("out")             # selora.xlora.checkpoint's files
     model = PeftModel.from_pretrained(fresh_base, "out")
+    with model.disable_adapter(): ...        # the base model, bit-exactly
 
 The tuner holds the same :class:`~selora.xlora.XLoRAModel` machinery as
-selora's door (experts as named adapters of :class:`~selora.SpectralLayer`,
-the classifier, the two passes) and writes the same checkpoint, so
-:func:`selora.xlora.load` reads what ``save_pretrained`` wrote and
-``PeftModel.from_pretrained`` reads what :func:`selora.xlora.save` wrote.
+selora's door and writes the same checkpoint. Its expert layers become
+:class:`~selora.integrations.peft_layer.SeloraLinear` (the same layer, marked
+as PEFT's), so that PEFT's ``disable_adapter`` and ``get_model_status`` find
+them. A ``PeftModel.from_pretrained`` that fails leaves the model as it was:
+the files are checked before PEFT touches it, and the rest is undone.
 """
 
 from __future__ import annotations
@@ -24,29 +26,28 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import torch
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import Tensor, nn
 
-from selora.adapters.checkpoint_format import (
-    FORMAT_VERSION,
-    VERSION_FIELD,
-    AdapterCheckpointError,
-)
+from selora.adapters.checkpoint_format import FORMAT_VERSION, VERSION_FIELD, AdapterCheckpointError
+from selora.adapters.checkpoint_plan import ModelSnapshot, restore_model, snapshot_model
 from selora.adapters.layer import SpectralLayer
-from selora.adapters.model import inject
-from selora.integrations.peft import SeloraPeftType
+from selora.adapters.model import unload
+from selora.integrations.peft import SeloraPeftType, register_tables
+from selora.integrations.peft_layer import SeloraLayer, SeloraLinear
 from selora.xlora.checkpoint import (
     CLASSIFIER_PREFIX,
     EXPERT_CONFIGS,
     PEFT_TYPE,
     checkpoint_tensors,
     config_fields,
-    expert_adapters,
+    inject_experts,
     load_plan,
+    read,
 )
 from selora.xlora.classifier import CLASSIFIER_ATTR, XLoRAClassifier
 from selora.xlora.config import XLoRAConfig
@@ -66,39 +67,31 @@ class XLoRASeloraConfig(PeftConfig):
     ``experts`` is a list of names (of adapters the model holds, or with
     ``expert_configs``) or a mapping name -> checkpoint directory of selora's
     format (either door's). After ``get_peft_model`` the live config holds the
-    names and ``expert_configs`` (each expert's adapter config), so that
-    ``save_pretrained`` writes a self-contained checkpoint.
+    names and ``expert_configs``, so that ``save_pretrained`` writes a
+    self-contained checkpoint.
 
     Raises:
         ValueError: naming the field, for any invalid value.
         AdapterCheckpointError: for a config of another format version.
     """
 
-    experts: list[str] | dict[str, str] = field(
-        default_factory=list, metadata={"help": "Adapter names, or name -> checkpoint directory."}
-    )
-    layerwise: bool = field(default=False, metadata={"help": "One set of weights per layer."})
-    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature."})
-    top_k: int | None = field(default=None, metadata={"help": "Keep the k largest weights."})
-    renormalize: bool = field(default=False, metadata={"help": "Renormalise the kept weights."})
-    enable_softmax: bool = field(default=True, metadata={"help": "Softmax over the scores."})
-    classifier_depth: int = field(default=1, metadata={"help": "Linear layers of the MLP."})
-    classifier_width: int | None = field(default=None, metadata={"help": "Its hidden width."})
-    hidden_size: int | None = field(default=None, metadata={"help": "The model's hidden size."})
-    freeze_experts: bool = field(default=True, metadata={"help": "Train the classifier only."})
-    expert_configs: dict[str, dict[str, Any]] | None = field(
-        default=None, metadata={"help": "Each expert's adapter config (filled in)."}
-    )
-    selora_format_version: int | None = field(
-        default=None, metadata={"help": "Checkpoint format version (filled in)."}
-    )
+    experts: list[str] | dict[str, str] = field(default_factory=list)
+    layerwise: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    renormalize: bool = False
+    enable_softmax: bool = True
+    classifier_depth: int = 1
+    classifier_width: int | None = None
+    hidden_size: int | None = None
+    freeze_experts: bool = True
+    expert_configs: dict[str, dict[str, Any]] | None = None
+    selora_format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        """Set the PEFT type and format version; validate through :class:`XLoRAConfig`."""
+        """Set the PEFT type; check the format version; validate as :class:`XLoRAConfig`."""
         parent: Any = super()
         parent.__post_init__()
-        if self.selora_format_version is None:
-            self.selora_format_version = FORMAT_VERSION
         if self.selora_format_version != FORMAT_VERSION:
             raise AdapterCheckpointError(
                 f"{VERSION_FIELD} is {self.selora_format_version!r}; this selora reads "
@@ -108,32 +101,47 @@ class XLoRASeloraConfig(PeftConfig):
         self.xlora_config()
 
     def xlora_config(self) -> XLoRAConfig:
-        """Return the equivalent :class:`~selora.xlora.XLoRAConfig`.
-
-        Returns:
-            The config (``checkpoints`` from a mapping ``experts``).
-        """
+        """Return the equivalent :class:`~selora.xlora.XLoRAConfig`."""
+        fields = {
+            k: getattr(self, k) for k in XLoRAConfig.__dataclass_fields__ if k != "checkpoints"
+        }
         experts: Any = self.experts
         return XLoRAConfig(
-            experts=dict(experts) if isinstance(experts, dict) else list(experts),
-            layerwise=self.layerwise,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            renormalize=self.renormalize,
-            enable_softmax=self.enable_softmax,
-            classifier_depth=self.classifier_depth,
-            classifier_width=self.classifier_width,
-            hidden_size=self.hidden_size,
-            freeze_experts=self.freeze_experts,
+            **fields | {"experts": dict(experts) if isinstance(experts, dict) else list(experts)}
         )
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any
+    ) -> Any:
+        """Read the config; check a local checkpoint whole first (``checkpoint.read``).
+
+        ``PeftModel.from_pretrained`` calls this before it touches the model,
+        so a bad file is refused while the model is still as it was.
+        """
+        directory = Path(pretrained_model_name_or_path, subfolder or "")
+        if directory.is_dir():
+            read(directory)
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder, **kwargs)
+
+
+_TUNER_CLASSES: dict[type, type] = {SpectralLayer: SeloraLinear}
+
+
+def _tuner_layer_class(cls: type) -> type:
+    """``cls`` marked as a PEFT tuner layer (``SeloraLinear`` for ``SpectralLayer``)."""
+    if issubclass(cls, BaseTunerLayer):
+        return cls
+    if cls not in _TUNER_CLASSES:
+        _TUNER_CLASSES[cls] = type(cls.__name__, (cls, SeloraLayer), {"__module__": cls.__module__})
+    return _TUNER_CLASSES[cls]
 
 
 class XLoRASeloraModel(BaseTuner):
     """PEFT tuner wrapping a model as :class:`~selora.xlora.XLoRAModel` does.
 
-    Created by PEFT (``get_peft_model``, ``PeftModel.from_pretrained``).
-    Its children are the model (``model``) and the classifier
-    (``selora_xlora_classifier``). Only one X-LoRA adapter per model.
+    Created by PEFT (``get_peft_model``, ``PeftModel.from_pretrained``). Its
+    children are the model and the classifier. Only one X-LoRA adapter per model.
 
     Args:
         model: the model to wrap (experts injected already, or named by path
@@ -144,6 +152,7 @@ class XLoRASeloraModel(BaseTuner):
     """
 
     prefix: str = PREFIX
+    tuner_layer_cls = SeloraLayer
 
     def __init__(
         self,
@@ -156,30 +165,38 @@ class XLoRASeloraModel(BaseTuner):
         conf = config[adapter_name] if isinstance(config, dict) else config
         self.peft_config: dict[str, Any] = {adapter_name: conf}
         self.active_adapter: str | list[str] = adapter_name
-        if conf.expert_configs is not None:
-            data = {"experts": list(conf.experts), EXPERT_CONFIGS: conf.expert_configs}
-            devices = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
-            for name, adapter in expert_adapters(data, "XLoRASeloraConfig").items():
-                with torch.random.fork_rng(devices=devices):  # the checkpoint gives the tensors
-                    inject(model, adapter, name=name)
-        wrapped = XLoRAModel(model, conf.xlora_config())
+        snapshot = snapshot_model(model)
+        try:
+            if conf.expert_configs is not None:
+                data = {"experts": list(conf.experts), EXPERT_CONFIGS: conf.expert_configs}
+                inject_experts(model, data, "XLoRASeloraConfig")
+            wrapped = XLoRAModel(model, conf.xlora_config())
+        except BaseException:
+            restore_model(snapshot)
+            raise
+        layers = [(layer, type(layer)) for layer in wrapped.expert_layers]
+        # Kept until a load succeeds, to undo a failing PeftModel.from_pretrained.
+        self.__dict__["_undo"] = (snapshot, layers) if conf.expert_configs is not None else None
+        for layer, cls in layers:
+            layer.__class__ = _tuner_layer_class(cls)
         self.model = model
         self.__dict__["xlora"] = wrapped  # not a child: its modules are ours already
         self.add_module(CLASSIFIER_ATTR, wrapped.classifier)
-        fields = config_fields(wrapped.xlora_config, model)
         conf.experts = list(wrapped.experts)
-        conf.expert_configs = fields[EXPERT_CONFIGS]
+        conf.expert_configs = config_fields(wrapped.xlora_config, model)[EXPERT_CONFIGS]
         if conf.inference_mode:
-            for unit in self._units():
-                unit.requires_grad_(False)
             wrapped.classifier.requires_grad_(False)
+            for layer, _ in layers:
+                layer.selora_units.requires_grad_(False)
         self.model.peft_config = self.peft_config
 
-    def _units(self) -> Iterator[nn.Module]:
-        names = self.xlora_model.experts
-        for module in self.model.modules():
-            if isinstance(module, SpectralLayer):
-                yield from (module.selora_units[n] for n in names if n in module.selora_units)
+    def _undo_injection(self) -> None:
+        """Give the model back as it was before this tuner (a failed load)."""
+        undo: tuple[ModelSnapshot, list[tuple[SpectralLayer, type]]] | None = self.__dict__["_undo"]
+        if undo is not None:
+            restore_model(undo[0])
+            for layer, cls in undo[1]:
+                layer.__class__ = cls
 
     @property
     def xlora_model(self) -> XLoRAModel:
@@ -197,6 +214,8 @@ class XLoRASeloraModel(BaseTuner):
         """Call the model: scoring pass, classifier, mixed pass."""
         return self.model(*args, **kwargs)
 
+    # PEFT's hooks. The tuner adds no layers of its own: its experts are selora adapters.
+
     @staticmethod
     def _prepare_adapter_config(peft_config: PeftConfig, model_config: dict[str, Any]) -> Any:
         return peft_config
@@ -209,74 +228,44 @@ class XLoRASeloraModel(BaseTuner):
         return False
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        """Nothing to do: the construction set the flags (PEFT's hook)."""
+        """Nothing to do: the construction set the flags."""
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
-        """Refuse ``adapter_names``: X-LoRA mixes its experts per token itself.
-
-        Raises:
-            ValueError: for ``adapter_names``.
-        """
+        """Refuse ``adapter_names``: X-LoRA mixes its experts per token itself."""
         if kwargs.get("adapter_names") is not None:
             raise ValueError("X-LoRA mixes its experts per token itself; adapter_names is refused")
         yield
 
-    def disable_adapter_layers(self) -> None:
-        """Make every expert layer compute its frozen output (PEFT's ``disable_adapter``)."""
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        """Enable or disable every expert layer (PEFT's ``disable_adapter``)."""
         for layer in self.xlora_model.expert_layers:
-            layer.disabled = True
-
-    def enable_adapter_layers(self) -> None:
-        """Undo :meth:`disable_adapter_layers`."""
-        for layer in self.xlora_model.expert_layers:
-            layer.disabled = False
+            layer.disabled = not enabled
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
-        """Keep the one X-LoRA adapter active (there is no other).
-
-        Raises:
-            ValueError: for another name.
-        """
+        """Keep the one X-LoRA adapter active; refuse another name."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if names != list(self.peft_config):
             raise ValueError(f"this X-LoRA model holds only {list(self.peft_config)}")
 
     def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
-        """Refuse (per-token weights).
-
-        Raises:
-            RuntimeError: always.
-        """
+        """Refuse: per-token weights cannot be merged."""
         raise RuntimeError(MERGE_ERROR)
 
-    def merge_adapter(
-        self, adapter_names: list[str] | None = None, safe_merge: bool = False
-    ) -> None:
-        """Refuse (per-token weights).
+    merge_adapter = merge_and_unload  # type: ignore[assignment]
 
-        Raises:
-            RuntimeError: always.
-        """
-        raise RuntimeError(MERGE_ERROR)
+    def unload(self) -> nn.Module:
+        """Give back the base model: the hooks, the classifier and every adapter removed."""
+        self.model.__dict__.pop("peft_config", None)
+        return unload(self.xlora_model.unwrap(), merge_weights=False)
 
     @classmethod
     def _get_adapter_state_dict(
-        cls,
-        model: nn.Module,
-        config: PeftConfig,
-        adapter_name: str,
-        state_dict: dict[str, Tensor],
-        unwanted_adapter_names: list[str],
+        cls, model: nn.Module, config: PeftConfig, adapter_name: str, *args: Any, **kwargs: Any
     ) -> dict[str, Tensor]:
-        """PEFT's saving hook: the checkpoint of :mod:`selora.xlora.checkpoint`.
-
-        Returns:
-            The tensors keyed as the file stores them.
-        """
-        tuner = _tuner(model)
-        wrapped = tuner.xlora_model
-        return checkpoint_tensors(tuner.model, wrapped.xlora_config, wrapped.classifier)
+        """PEFT's saving hook: the tensors of :mod:`selora.xlora.checkpoint`."""
+        wrapped = _tuner(model).xlora_model
+        return checkpoint_tensors(wrapped.model, wrapped.xlora_config, wrapped.classifier)
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
@@ -285,30 +274,29 @@ class XLoRASeloraModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(
-        cls,
-        model: nn.Module,
-        config: PeftConfig,
-        adapter_name: str,
-        state_dict: dict[str, Tensor],
+        cls, model: nn.Module, config: PeftConfig, adapter_name: str, state_dict: dict[str, Tensor]
     ) -> dict[str, Tensor]:
         """PEFT's loading hook: check everything, apply the locations, return model keys.
 
         Raises:
-            AdapterCheckpointError: naming the key or module; nothing was changed.
+            AdapterCheckpointError: naming the key or module; the model is as
+                it was before the tuner.
         """
         tuner = _tuner(model)
         wrapped = tuner.xlora_model
         where = f"the X-LoRA checkpoint of adapter {adapter_name!r}"
-        plan = load_plan(tuner.model, wrapped.xlora_config, wrapped.classifier, state_dict, where)
+        try:
+            plan = load_plan(
+                wrapped.model, wrapped.xlora_config, wrapped.classifier, state_dict, where
+            )
+        except BaseException:
+            tuner._undo_injection()
+            raise
+        tuner.__dict__["_undo"] = None
         plan.apply_locations()
         keys = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
-        out: dict[str, Tensor] = {}
-        for key, target, source in plan.copies:
-            model_key = keys.get(id(target))
-            if model_key is None:  # a bare tuner: keys from the tuner itself
-                model_key = key.replace(CLASSIFIER_PREFIX, f"{CLASSIFIER_ATTR}.")
-            out[model_key] = source
-        return out
+        prefix = f"{CLASSIFIER_ATTR}."  # a bare tuner: keys from the tuner itself
+        return {keys.get(id(t), k.replace(CLASSIFIER_PREFIX, prefix)): s for k, t, s in plan.copies}
 
 
 def _tuner(model: nn.Module) -> XLoRASeloraModel:
@@ -324,18 +312,7 @@ def register() -> None:
     Raises:
         KeyError: if another method already holds the name or the prefix.
     """
-    from peft import mapping
-
-    configs: dict[Any, Any] = mapping.PEFT_TYPE_TO_CONFIG_MAPPING
-    tuners: dict[Any, Any] = mapping.PEFT_TYPE_TO_TUNER_MAPPING
-    prefixes: dict[Any, Any] = mapping.PEFT_TYPE_TO_PREFIX_MAPPING
-    if configs.get(PEFT_TYPE) is XLoRASeloraConfig:
-        return
-    if PEFT_TYPE in configs or PEFT_TYPE in tuners or PREFIX in prefixes.values():
-        raise KeyError(f"PEFT already has a method called {PEFT_TYPE!r} or prefix {PREFIX!r}")
-    prefixes[PEFT_TYPE] = PREFIX
-    configs[PEFT_TYPE] = XLoRASeloraConfig
-    tuners[PEFT_TYPE] = XLoRASeloraModel
+    register_tables(PEFT_TYPE, PREFIX, XLoRASeloraConfig, XLoRASeloraModel)
 
 
 register()

@@ -13,6 +13,7 @@ from xlora_testkit import EXPERTS, base_model, outputs, perturb, token_batch
 
 import selora
 from selora import xlora
+from selora.adapters.layer import SpectralLayer
 
 pytest.importorskip("peft")
 from peft import PeftModel, get_peft_model
@@ -66,6 +67,8 @@ def test_peft_round_trip_is_bit_identical(tmp_path: Path, layerwise: bool) -> No
     torch.manual_seed(7)
     fresh = PeftModel.from_pretrained(base_model(), tmp_path / "out").eval()
     assert torch.equal(logits(fresh), expected)
+    with fresh.disable_adapter():
+        assert torch.equal(logits(fresh), logits(base_model().eval()))
 
 
 def test_each_door_reads_the_other_doors_checkpoint(tmp_path: Path) -> None:
@@ -119,3 +122,104 @@ def test_an_expert_saved_through_peft_loads_as_an_expert(tmp_path: Path) -> None
     with torch.no_grad():
         expected = peft_expert.eval()(input_ids=TOKENS).logits
     torch.testing.assert_close(outputs(alone, TOKENS), expected, rtol=0, atol=1e-6)
+
+
+def test_disable_adapter_gives_the_base_model_bit_exactly(tmp_path: Path) -> None:
+    expected = logits(base_model().eval())
+    model = peft_model(tmp_path)
+    mixed = logits(model)
+    assert model.get_model_status().enabled is True
+    with model.disable_adapter():
+        assert torch.equal(logits(model), expected)
+        assert model.get_model_status().enabled is False
+    assert torch.equal(logits(model), mixed)
+    plain = model.unload()
+    assert not plain._forward_pre_hooks and not hasattr(plain, "peft_config")
+    assert not any(isinstance(m, SpectralLayer) for m in plain.modules())
+    assert torch.equal(logits(plain), expected)
+
+
+def fingerprint(model: nn.Module) -> tuple[object, ...]:
+    """Everything a failed load must leave as it was."""
+    modules = [(n, type(m), m.training, dict(m._forward_hooks)) for n, m in model.named_modules()]
+    flags = [(n, p.requires_grad) for n, p in model.named_parameters()]
+    hooks = (dict(model._forward_pre_hooks), sorted(vars(model)))
+    return modules, flags, hooks, {n: t.clone() for n, t in model.state_dict().items()}
+
+
+def _drop_a_tensor(tensors: dict[str, Tensor]) -> None:
+    del tensors[next(k for k in tensors if ".selora_units.wave." in k)]
+
+
+def _misshape_a_tensor(tensors: dict[str, Tensor]) -> None:
+    key = next(k for k in tensors if "selora_xlora_classifier" in k)
+    tensors[key] = torch.zeros(3, 3)
+
+
+def _add_a_tensor(tensors: dict[str, Tensor]) -> None:
+    tensors["base_model.model.lm_head.weight"] = torch.zeros(64, 32)
+
+
+def _edit_config(old: str, new: str) -> object:
+    def apply(path: Path) -> None:
+        file = path / "adapter_config.json"
+        file.write_text(file.read_text().replace(old, new))
+
+    return apply
+
+
+def _edit_tensors(edit: object) -> object:
+    from safetensors.torch import load_file, save_file
+
+    def apply(path: Path) -> None:
+        file = path / "adapter_model.safetensors"
+        tensors = load_file(str(file))
+        edit(tensors)  # type: ignore[operator]
+        save_file(tensors, str(file), metadata={"format": "pt"})
+
+    return apply
+
+
+BAD_CHECKPOINTS = {
+    "edited config": (_edit_config('"top_k": 2', '"top_k": 1'), "not saved with this X-LoRA"),
+    "bad field": (_edit_config('"top_k": 2', '"top_k": 0'), r"XLoRAConfig\.top_k"),
+    "other version": (
+        _edit_config('"selora_format_version": 2', '"selora_format_version": 3'),
+        "reads version 2",
+    ),
+    "foreign tensor": (_edit_tensors(_add_a_tensor), "lm_head"),
+    "no weights": (lambda p: (p / "adapter_model.safetensors").unlink(), "does not exist"),
+    "truncated weights": (
+        lambda p: (p / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00"),
+        "not a readable safetensors",
+    ),
+    "missing tensor": (_edit_tensors(_drop_a_tensor), "wave"),
+    "misshapen tensor": (_edit_tensors(_misshape_a_tensor), "shape"),
+    "another base model": (None, "does not adapt"),
+    "an expert's name taken": (None, "already holds an adapter named 'wave'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
+def test_a_failed_peft_from_pretrained_leaves_the_model_as_it_was(
+    tmp_path: Path, case: str
+) -> None:
+    from xlora_testkit import tiny_gpt2
+
+    model = peft_model(tmp_path, top_k=2)
+    model.save_pretrained(tmp_path / "out")
+    edit, match = BAD_CHECKPOINTS[case]
+    if edit is not None:
+        edit(tmp_path / "out")  # type: ignore[operator]
+    base = base_model(tiny_gpt2) if case == "another base model" else base_model()
+    if case == "an expert's name taken":  # refused while the tuner injects the experts
+        selora.inject(base, EXPERTS["wave"], name="wave")
+    before = fingerprint(base)
+    with pytest.raises((ValueError, OSError, TypeError), match=match):
+        PeftModel.from_pretrained(base, tmp_path / "out")
+    after = fingerprint(base)
+    assert after[:3] == before[:3]
+    assert after[3].keys() == before[3].keys()  # type: ignore[attr-defined]
+    assert all(torch.equal(after[3][k], v) for k, v in before[3].items())  # type: ignore[index]
+    held = {n for m in base.modules() if isinstance(m, SpectralLayer) for n in m.selora_units}
+    assert held == ({"wave"} if case == "an expert's name taken" else set())

@@ -72,14 +72,37 @@ class Checkpoint:
         return str(self.path / WEIGHTS_NAME)
 
 
-def _read_config(file: Path) -> object:
+def read_config_file(file: Path) -> object:
+    """Parse a checkpoint's ``adapter_config.json``.
+
+    Args:
+        file: the JSON file.
+
+    Returns:
+        The parsed JSON value (checked by the caller).
+
+    Raises:
+        AdapterCheckpointError: naming the file, if it cannot be read or parsed.
+    """
     try:
         return json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise AdapterCheckpointError(f"{file} is not a readable JSON file: {exc}") from None
 
 
-def _read_tensors(file: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+def read_tensors_file(file: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Read every tensor of a checkpoint's safetensors file, and its metadata, on the CPU.
+
+    Args:
+        file: the ``adapter_model.safetensors`` file.
+
+    Returns:
+        ``(tensors, metadata)``; keys carry PEFT's ``base_model.model.`` prefix
+        (added where transformers' own writer left it out).
+
+    Raises:
+        AdapterCheckpointError: naming the file, if it is truncated or corrupt.
+    """
     try:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
             metadata = dict(handle.metadata() or {})
@@ -141,8 +164,8 @@ def read_checkpoint(path: str | os.PathLike[str], *, timeout: float | None = Non
             raise FileNotFoundError(f"no adapter checkpoint file {file}")
     deadline = time.monotonic() + (CONSISTENCY_TIMEOUT if timeout is None else timeout)
     while True:
-        config = check_config_keys(_read_config(config_file), str(config_file))
-        tensors, metadata = _read_tensors(weights_file)
+        config = check_config_keys(read_config_file(config_file), str(config_file))
+        tensors, metadata = read_tensors_file(weights_file)
         if config_digest(config) == _stored_digest(tensors, metadata, str(weights_file)):
             break
         if time.monotonic() >= deadline:

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from selora.adapters.layer_types import compute_dtype
-from selora.adapters.lora import delta_weight, low_rank_update
+from selora.adapters.lora import delta_weight, factor_dtype, low_rank_update
 from selora.adapters.registry import AdaptationBase, Update, register_base
 from selora.adapters.unit import AdapterUnit
 
@@ -60,6 +60,9 @@ class DoRA(AdaptationBase):
 
     which equals :math:`W x + b` and is exactly the frozen output at init.
     The row norm needs :math:`V` densely (as in every DoRA implementation).
+    For an embedding a row is one embedding feature over the vocabulary; for a
+    convolution, one output channel over the flattened kernel ``(in * kernel)``
+    (:mod:`selora.adapters.layer_kinds`), as PEFT's DoRA.
     A row with :math:`\lVert V_i \rVert = 0` (an all-zero row of :math:`W_0`
     at init) is divided by 1 instead of 0: its magnitude is 0 too, so the row
     stays exactly zero and finite, in the forward, the backward and a merge.
@@ -90,13 +93,14 @@ class DoRA(AdaptationBase):
         self, unit: AdapterUnit, x: Tensor, base_out: Tensor, weight0: Tensor, bias: Tensor | None
     ) -> Tensor:
         r"""Return :math:`(g - 1) \odot W_0 x + g \odot \tfrac{\alpha}{r}\tilde B \tilde A x`."""
-        a, b = unit.factors(x.dtype)
+        a, b = unit.factors(factor_dtype(x, base_out))
         with torch.no_grad():
             delta = delta_weight(unit, a, b)
             norm = _row_norm(weight0.to(compute_dtype(weight0.dtype)).to(delta.dtype) + delta)
         magnitude = _magnitude(unit)
-        gain = (magnitude / _divisor(norm)).to(base_out.dtype)
-        base_no_bias = base_out if bias is None else base_out - bias
+        kind = unit.kind  # a convolution's channels sit on axis 1
+        gain = kind.channels((magnitude / _divisor(norm)).to(base_out.dtype))
+        base_no_bias = base_out if bias is None else base_out - kind.channels(bias)
         update = low_rank_update(unit, x, a, b).to(base_out.dtype)
         return (gain - 1) * base_no_bias + gain * update
 

@@ -3,9 +3,9 @@ r"""HiRA: a Hadamard high-rank update :math:`W = W_0 + W_0 \odot (\tilde B \tild
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as nnf
 from torch import Tensor
 
+from selora.adapters.lora import drop, factor_dtype
 from selora.adapters.registry import AdaptationBase, Update, register_base
 from selora.adapters.unit import AdapterUnit
 
@@ -24,7 +24,9 @@ class HiRA(AdaptationBase):
     The Hadamard product with :math:`W_0` lifts the rank of the update beyond
     :math:`r`. There is no :math:`\alpha` (the scale is ignored), and
     :math:`\tilde B = 0` keeps the init exact. The update is dense by nature,
-    so the forward forms the :math:`d_{out} \times d_{in}` product.
+    so the forward forms the :math:`d_{out} \times d_{in}` product (for an
+    embedding or a convolution, on the transposed table or the flattened
+    kernel, applied as the layer applies its weight).
     """
 
     def forward(
@@ -37,9 +39,9 @@ class HiRA(AdaptationBase):
         self, unit: AdapterUnit, x: Tensor, base_out: Tensor, weight0: Tensor, bias: Tensor | None
     ) -> Tensor:
         r"""Return :math:`(W_0 \odot \tilde B \tilde A)\,\mathrm{drop}(x)` alone."""
-        a, b = unit.factors(x.dtype)
-        update = weight0.to(x.dtype) * (b @ a)
-        out: Tensor = nnf.linear(unit.dropout(x), update).to(base_out.dtype)
+        a, b = unit.factors(factor_dtype(x, base_out))
+        update = weight0.to(a.dtype) * (b @ a)
+        out: Tensor = unit.kind.dense(drop(unit, x), update).to(base_out.dtype)
         return out
 
     def _product(self, unit: AdapterUnit) -> Tensor:

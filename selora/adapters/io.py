@@ -63,7 +63,7 @@ from selora.adapters.checkpoint_read import (
 )
 from selora.adapters.config import SpectralAdapter
 from selora.adapters.layer import SpectralLayer
-from selora.adapters.layer_types import is_supported_layer, weight_shape
+from selora.adapters.layer_types import is_adaptable_layer, weight_shape
 from selora.adapters.model import ADAPTERS_ATTR, adapter_config, inject
 from selora.adapters.patterns import resolve_for_module
 from selora.adapters.unit import AdapterUnit
@@ -89,10 +89,17 @@ def _name_matches(name: str, wanted: str) -> bool:
     return name == wanted or name.endswith("." + wanted)
 
 
-def _unit_tensors(model: nn.Module, name: str) -> Iterator[tuple[str, str, nn.Module]]:
+def unit_tensors(model: nn.Module, name: str) -> Iterator[tuple[str, str, nn.Module]]:
     """Yield ``(layer name, checkpoint prefix, unit)`` per unit of the adapter ``name``.
 
     The unit's persistent state, keyed from the prefix, is what the checkpoint holds.
+
+    Args:
+        model: an adapted model.
+        name: the adapter.
+
+    Yields:
+        The triples, in module order.
     """
     for layer_name, layer in model.named_modules():
         if isinstance(layer, SpectralLayer) and name in layer.selora_units:
@@ -105,7 +112,7 @@ def _owned(
     """Return the adapter's tensors and sparse factors, by checkpoint key and stem."""
     tensors: dict[str, Tensor] = {}
     factors: dict[str, SparseSpectrum] = {}
-    for _, prefix, unit in _unit_tensors(model, name):
+    for _, prefix, unit in unit_tensors(model, name):
         for key, tensor in unit.state_dict(keep_vars=True).items():
             tensors[prefix + key] = tensor
         for sub, module in unit.named_modules():
@@ -123,8 +130,17 @@ def _owned(
 # --------------------------------------------------------------------------- writing
 
 
-def _write_atomically(target: Path, data: bytes) -> None:
-    """Write ``data`` to ``target`` through an exclusive temporary file, fsync'd, then renamed."""
+def write_atomically(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` through an exclusive temporary file, fsync'd, then renamed.
+
+    The temporary file is created with ``O_EXCL`` under an unpredictable name in
+    ``target``'s directory (no symlink followed), so a reader sees the old file
+    or the new one, never a part.
+
+    Args:
+        target: the file to replace.
+        data: its new content.
+    """
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -138,7 +154,12 @@ def _write_atomically(target: Path, data: bytes) -> None:
         raise
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
+    """Flush ``directory``'s entries (the renames) to disk, where the platform allows it.
+
+    Args:
+        directory: the checkpoint directory.
+    """
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # not every platform opens directories
@@ -185,9 +206,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], name: str = "de
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(directory / WEIGHTS_NAME, weights)
-    _write_atomically(directory / CONFIG_NAME, text.encode("utf-8"))
-    _fsync_directory(directory)
+    write_atomically(directory / WEIGHTS_NAME, weights)
+    write_atomically(directory / CONFIG_NAME, text.encode("utf-8"))
+    fsync_directory(directory)
 
 
 # --------------------------------------------------------------------------- loading
@@ -239,7 +260,7 @@ def _precheck(model: nn.Module, checkpoint: Checkpoint, adapter: SpectralAdapter
             ) from None
         if isinstance(module, SpectralLayer):
             d_out, d_in = module.out_features, module.in_features
-        elif is_supported_layer(module):
+        elif is_adaptable_layer(module):
             d_out, d_in = weight_shape(module)  # a quantized weight is stored packed
         else:
             raise AdapterCheckpointError(

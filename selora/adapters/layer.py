@@ -1,7 +1,7 @@
 r"""THE adapted layer: one frozen base layer and any number of named adapter units.
 
-:class:`SpectralLayer` replaces a frozen ``nn.Linear`` (or Hugging Face's
-``Conv1D``, whose weight is stored transposed). It holds one
+:class:`SpectralLayer` replaces a frozen ``nn.Linear`` (or ``Conv1D``, ``nn.Embedding``,
+``nn.Conv1d`` / ``nn.Conv2d``: :mod:`selora.adapters.layer_kinds`). It holds one
 :class:`~selora.adapters.unit.AdapterUnit` per adapter name in the
 ``nn.ModuleDict`` ``selora_units`` and carries PEFT's tuner-layer semantics
 (active adapters, enable / disable, merge / unmerge / safe merge, delete, mixed
@@ -35,7 +35,9 @@ from torch import Tensor, nn
 from selora.adapters.config import SpectralAdapter
 from selora.adapters.factors import DenseFactor
 from selora.adapters.layer_forward import mixed_batch_forward, mixture_forward
+from selora.adapters.layer_kinds import layer_kind
 from selora.adapters.layer_types import (
+    adaptable_layer_error,
     compute_dtype,
     frozen_weight,
     is_quantized_layer,
@@ -68,7 +70,7 @@ __all__ = [
 
 
 class SpectralLayer(nn.Module):
-    r"""A frozen ``nn.Linear`` / ``Conv1D`` carrying any number of named spectral adapters.
+    r"""A frozen layer (linear, ``Conv1D``, embedding, convolution) with named spectral adapters.
 
     ``forward(x)`` is the frozen output plus the update of each active adapter
     (see the module docstring), or just ``base_layer(x)`` while merged or
@@ -87,7 +89,8 @@ class SpectralLayer(nn.Module):
 
     Raises:
         TypeError: if ``base_layer`` is not a supported layer type (a quantized
-            one other than bitsandbytes' quantized ``Linear4bit`` / ``Linear8bitLt``).
+            one other than bitsandbytes' quantized ``Linear4bit`` / ``Linear8bitLt``,
+            a grouped convolution, an embedding with ``max_norm`` or sparse gradients).
         ValueError: if the adapter's budget does not fit this layer.
     """
 
@@ -109,11 +112,9 @@ class SpectralLayer(nn.Module):
         """Check, freeze and keep ``base_layer``; set sizes and flags; return :math:`W_0`."""
         if is_unsupported_quantized_layer(base_layer):
             raise quantized_layer_error(base_layer, name)
-        if not is_supported_layer(base_layer):
-            raise TypeError(
-                f"selora adapts nn.Linear and transformers' Conv1D; {name or 'the module'} "
-                f"is a {type(base_layer).__name__}"
-            )
+        if (error := adaptable_layer_error(base_layer, name)) is not None:
+            raise error
+        self.kind = layer_kind(base_layer)  # how the factors meet this layer type
         self.base_layer = base_layer
         for p in base_layer.parameters():
             p.requires_grad_(False)
@@ -243,7 +244,9 @@ class SpectralLayer(nn.Module):
         weight0 = read_weight(self.get_base_layer())
         where = f"{self.name}.{UNITS_ATTR}.{adapter_name}" if self.name else adapter_name
         adapter = resolve_for_module(adapter, self.name)  # rank / alpha / budget patterns
-        unit = AdapterUnit(adapter, self.in_features, self.out_features, weight0, name=where)
+        unit = AdapterUnit(
+            adapter, self.in_features, self.out_features, weight0, name=where, kind=self.kind
+        )
         return unit.train(self.training)
 
     def add_adapter(

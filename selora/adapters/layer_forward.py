@@ -28,12 +28,18 @@ def mixture_forward(
     r"""Return :math:`W_0 x + b + \sum_i g_i(x)\,(f_i(x) - (W_0 x + b))` (see :class:`Mixture`).
 
     Raises:
-        ValueError: while an adapter is merged (the frozen output would hold it).
+        ValueError: while an adapter is merged (the frozen output would hold it), or on a
+            convolution layer.
     """
     if layer.merged_adapters:
         raise ValueError(
             f"{layer.name or 'this layer'}: cannot mix adapters while {layer.merged_adapters} "
             "are merged; unmerge first"
+        )
+    if layer.kind.label == "conv":  # the gates are per token, features on the last axis
+        raise ValueError(
+            f"{layer.name or 'this layer'}: per-token adapter mixtures are not supported on "
+            "convolution layers"
         )
     base_layer = layer._modules["base_layer"]
     assert base_layer is not None

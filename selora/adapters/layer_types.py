@@ -16,9 +16,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from selora.adapters.layer_kinds import flat_weight, is_kind_layer, kind_refusal
+
 __all__ = [
+    "adaptable_layer_error",
     "compute_dtype",
     "frozen_weight",
+    "is_adaptable_layer",
     "is_quantized_layer",
     "is_supported_layer",
     "is_unsupported_quantized_layer",
@@ -63,6 +67,42 @@ def is_supported_layer(module: nn.Module) -> bool:
     """
     conv = _conv1d_type()
     return isinstance(module, nn.Linear) or (conv is not None and isinstance(module, conv))
+
+
+def is_adaptable_layer(module: nn.Module) -> bool:
+    """Tell whether ``module`` is a layer selora can wrap when targeted by name.
+
+    The linear layers of :func:`is_supported_layer` (the only ones
+    ``"all-linear"`` picks, as in PEFT) and ``nn.Embedding``, ``nn.Conv1d``,
+    ``nn.Conv2d`` (:mod:`selora.adapters.layer_kinds`).
+
+    Args:
+        module: any module.
+
+    Returns:
+        ``True`` for the layer types selora can wrap.
+    """
+    return is_supported_layer(module) or is_kind_layer(module)
+
+
+def adaptable_layer_error(module: nn.Module, name: str) -> TypeError | None:
+    """The error for a (non-quantized) layer selora cannot wrap, naming it; ``None`` if it can.
+
+    Args:
+        module: the targeted module.
+        name: its name in the model.
+
+    Returns:
+        The ``TypeError`` to raise, or ``None``.
+    """
+    where = name or "the module"
+    if not is_adaptable_layer(module):
+        return TypeError(
+            f"selora adapts nn.Linear, transformers' Conv1D, nn.Embedding, nn.Conv1d and "
+            f"nn.Conv2d; {where} is a {type(module).__name__}"
+        )
+    refusal = kind_refusal(module)
+    return None if refusal is None else TypeError(f"cannot adapt {where!r}: {refusal}")
 
 
 _QUANTIZED_PACKAGES = (
@@ -191,12 +231,17 @@ def frozen_weight(module: nn.Module) -> Tensor:
     r"""Return :math:`W_0` of a supported layer as ``(d_out, d_in)`` (a view, no copy).
 
     Args:
-        module: an ``nn.Linear`` (weight ``(d_out, d_in)``) or a ``Conv1D``
-            (weight ``(d_in, d_out)``).
+        module: an ``nn.Linear`` (weight ``(d_out, d_in)``), a ``Conv1D``
+            (weight ``(d_in, d_out)``), an ``nn.Embedding`` or an ``nn.Conv1d`` /
+            ``nn.Conv2d`` (see :func:`~selora.adapters.layer_kinds.flat_weight`).
 
     Returns:
-        The weight, transposed for ``Conv1D``.
+        The weight, transposed for ``Conv1D`` and ``nn.Embedding``, flattened
+        to ``(out, in * prod(kernel))`` for a convolution.
     """
+    flat = flat_weight(module)  # nn.Embedding, nn.Conv1d / nn.Conv2d
+    if flat is not None:
+        return flat
     weight = module.weight
     assert isinstance(weight, Tensor)
     return weight if isinstance(module, nn.Linear) else weight.t()

@@ -29,6 +29,7 @@ from selora.adapters.diagnostics import (
 )
 from selora.adapters.layer import SpectralLayer
 from selora.adapters.layer_types import (
+    is_adaptable_layer,
     is_supported_layer,
     is_unsupported_quantized_layer,
     quantized_layer_error,
@@ -108,8 +109,9 @@ def _is_target(name: str, adapter: SpectralAdapter, skip: set[str], module: nn.M
         or in_modules_to_save(name, adapter.modules_to_save)
     ):
         return False
-    if targets == "all-linear":
-        return isinstance(module, SpectralLayer) or is_supported_layer(module)
+    if targets == "all-linear":  # linear layers only (not embeddings, convolutions), as PEFT
+        base = module.get_base_layer() if isinstance(module, SpectralLayer) else module
+        return is_supported_layer(base)
     if isinstance(targets, str) or name in targets:
         return _name_matches(name, targets)
     return _name_matches(name, targets) and layer_selected(
@@ -167,10 +169,11 @@ def _matched(model: nn.Module, adapter: SpectralAdapter) -> list[tuple[str, nn.M
             continue
         if is_unsupported_quantized_layer(module):
             raise quantized_layer_error(module, name)
-        if not is_supported_layer(module):
+        if not is_adaptable_layer(module):
             raise TypeError(
-                f"target {name!r} is a {type(module).__name__}; selora adapts nn.Linear "
-                "and transformers' Conv1D (narrow target_modules)"
+                f"target {name!r} is a {type(module).__name__}; selora adapts nn.Linear, "
+                "transformers' Conv1D, nn.Embedding, nn.Conv1d and nn.Conv2d (narrow "
+                "target_modules)"
             )
     return matched
 

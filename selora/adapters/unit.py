@@ -18,6 +18,7 @@ from selora.adapters.config import SpectralAdapter
 from selora.adapters.factor_batch import prebuilt
 from selora.adapters.factor_cache import CacheEntry, cache_key, unchanged
 from selora.adapters.factors import DenseFactor, Factor, make_factor
+from selora.adapters.layer_kinds import LINEAR, LayerKind
 from selora.adapters.layer_types import compute_dtype
 from selora.adapters.registry import AdaptationBase, Update, get_adapter_base
 
@@ -81,6 +82,8 @@ class AdapterUnit(nn.Module):
         weight0: the frozen weight ``(d_out, d_in)`` (its device places the
             factors; bases such as DoRA read it at set-up).
         name: the unit's name in its model, for messages.
+        kind: how the factors meet the layer (:mod:`selora.adapters.layer_kinds`;
+            linear by default).
 
     Attributes:
         finite_checks: if ``True``, every forward checks the unit's parameters
@@ -103,10 +106,12 @@ class AdapterUnit(nn.Module):
         weight0: Tensor,
         *,
         name: str = "",
+        kind: LayerKind = LINEAR,
     ) -> None:
         super().__init__()
         self.adapter = adapter
         self.name = name
+        self.kind = kind
         self.finite_checks = False
         self.base: AdaptationBase = get_adapter_base(adapter.base)()
         self.scaling = adapter.scaling

@@ -44,7 +44,7 @@ class SeloraLinear(SpectralLayer, SeloraLayer):  # type: ignore[misc]  # bias: T
     """A :class:`~selora.SpectralLayer` that PEFT recognises as one of its tuner layers.
 
     Args:
-        base_layer: the layer to adapt (an ``nn.Linear`` or ``Conv1D``).
+        base_layer: the layer to adapt (see :class:`~selora.SpectralLayer`).
         adapter_name: the name of the first adapter.
         config: its :class:`~selora.integrations.peft.SeloraConfig`.
         name: the module's name in its model, for messages.

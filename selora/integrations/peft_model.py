@@ -20,10 +20,11 @@ from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import Tensor, nn
 
+from selora.adapters.checkpoint_format import PEFT_PREFIX
 from selora.adapters.factor_batch import active_spectra, formed_factors
 from selora.adapters.layer_types import (
     frozen_weight,
-    is_supported_layer,
+    is_adaptable_layer,
     is_unsupported_quantized_layer,
     quantized_layer_error,
 )
@@ -34,6 +35,34 @@ __all__ = ["PREFIX", "SeloraModel"]
 
 PREFIX = "selora_"
 """The method's unique PEFT prefix; every adapter attribute of a layer starts with it."""
+
+
+def take_embedding_weights(model: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Remove from ``tensors`` the base weights of adapted embeddings; return them by model key.
+
+    PEFT's ``save_pretrained`` (``save_embedding_layers="auto"``) writes a
+    targeted ``embed_tokens``' frozen table as ``<layer>.base_layer.weight``, as
+    for LoRA. It is taken out before the adapter's tensors are checked, and
+    loaded back as PEFT's LoRA does (:meth:`SeloraModel._remap_adapter_state_dict_for_load`).
+
+    Args:
+        model: the model loaded into.
+        tensors: checkpoint key -> tensor (changed in place).
+
+    Returns:
+        ``<layer>.base_layer.weight`` keys of ``model`` -> the saved tables.
+    """
+    taken: dict[str, Tensor] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, SeloraLinear):
+            continue
+        if not isinstance(module.get_base_layer(), nn.Embedding):
+            continue
+        bare = name.removeprefix(PEFT_PREFIX)
+        for key in (f"{PEFT_PREFIX}{bare}.base_layer.weight", f"{bare}.base_layer.weight"):
+            if key in tensors:
+                taken[f"{name}.base_layer.weight"] = tensors.pop(key)
+    return taken
 
 
 def _lora_default_targets() -> dict[str, list[str]]:
@@ -94,6 +123,7 @@ def _check_checkpoint(model: nn.Module, config: Any, adapter_name: str, source: 
         tensors: dict[str, Tensor] = load_file(file, device="cpu")
     except Exception as exc:  # safetensors raises its own error types
         raise AdapterCheckpointError(f"{file} is not a readable safetensors file: {exc}") from None
+    take_embedding_weights(model, tensors)  # PEFT's saved embedding tables: not adapter tensors
     prefix = "base_model.model."
     for name, module in model.named_modules():
         if isinstance(module, AuxiliaryTrainingWrapper):
@@ -189,10 +219,11 @@ class SeloraModel(BaseTuner):
                 return
             if is_unsupported_quantized_layer(target):
                 raise quantized_layer_error(target, current_key)
-            if isinstance(target, BaseTunerLayer) or not is_supported_layer(target):
+            if isinstance(target, BaseTunerLayer) or not is_adaptable_layer(target):
                 raise TypeError(
                     f"target {current_key!r} is a {type(target).__name__}; the selora PEFT "
-                    "bridge adapts nn.Linear and transformers' Conv1D (narrow target_modules)"
+                    "bridge adapts nn.Linear, transformers' Conv1D, nn.Embedding, nn.Conv1d "
+                    "and nn.Conv2d (narrow target_modules)"
                 )
             config: Any = peft_config  # a SeloraConfig (checked above)
             new_module = SeloraLinear(target, adapter_name, config, name=current_key)
@@ -429,9 +460,22 @@ class SeloraModel(BaseTuner):
         Returns:
             The tensors keyed as in the model, without the location and hash keys.
         """
+        from selora.adapters.checkpoint_format import AdapterCheckpointError
         from selora.integrations.peft_checkpoint import remap_adapter_state_dict_for_load
 
-        return remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        state_dict = dict(state_dict)
+        tables = take_embedding_weights(model, state_dict)
+        remapped = remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        current = model.state_dict()
+        for key, table in tables.items():
+            if key not in current or table.shape != current[key].shape:
+                raise AdapterCheckpointError(
+                    f"the checkpoint's embedding table {key!r} has shape {tuple(table.shape)}, "
+                    f"the model's is {tuple(current[key].shape) if key in current else 'absent'} "
+                    "(resize the model's embeddings first); nothing was loaded"
+                )
+        remapped.update(tables)  # loaded into the frozen table, as PEFT's LoRA does
+        return remapped
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:

@@ -53,8 +53,8 @@ from selora.adapters.checkpoint_plan import (
     restore_model,
     snapshot_model,
 )
-from selora.adapters.checkpoint_read import _read_config, _read_tensors
-from selora.adapters.io import _fsync_directory, _unit_tensors, _write_atomically
+from selora.adapters.checkpoint_read import read_config_file, read_tensors_file
+from selora.adapters.io import fsync_directory, unit_tensors, write_atomically
 from selora.adapters.layer import SpectralLayer
 from selora.adapters.model import ADAPTERS_ATTR, inject
 from selora.adapters.unit import AdapterUnit
@@ -136,7 +136,7 @@ def _owned(
     tensors = {CLASSIFIER_PREFIX + k: t for k, t in classifier.state_dict(keep_vars=True).items()}
     factors: dict[str, SparseSpectrum] = {}
     for name in names:
-        for _, prefix, unit in _unit_tensors(model, name):
+        for _, prefix, unit in unit_tensors(model, name):
             tensors.update(
                 {f"{prefix}{name}.{k}": t for k, t in unit.state_dict(keep_vars=True).items()}
             )
@@ -191,10 +191,10 @@ def save(model: XLoRAModel, path: str | os.PathLike[str]) -> None:
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", VERSION_FIELD: str(FORMAT_VERSION)}
-    _write_atomically(directory / WEIGHTS_NAME, safetensors_bytes(tensors, metadata=metadata))
+    write_atomically(directory / WEIGHTS_NAME, safetensors_bytes(tensors, metadata=metadata))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _write_atomically(directory / CONFIG_NAME, text.encode("utf-8"))
-    _fsync_directory(directory)
+    write_atomically(directory / CONFIG_NAME, text.encode("utf-8"))
+    fsync_directory(directory)
 
 
 def read(path: str | os.PathLike[str]) -> tuple[XLoRAConfig, dict[str, Any], dict[str, Tensor]]:
@@ -211,7 +211,7 @@ def read(path: str | os.PathLike[str]) -> tuple[XLoRAConfig, dict[str, Any], dic
     for file in (config_file, weights):
         if not file.is_file():
             raise FileNotFoundError(f"{file} does not exist")
-    data = _read_config(config_file)
+    data = read_config_file(config_file)
     if not isinstance(data, dict) or data.get("peft_type") != PEFT_TYPE:
         got = data.get("peft_type") if isinstance(data, dict) else data
         raise AdapterCheckpointError(f"{config_file}: peft_type is {got!r}, not {PEFT_TYPE!r}")
@@ -224,7 +224,7 @@ def read(path: str | os.PathLike[str]) -> tuple[XLoRAConfig, dict[str, Any], dic
         config = XLoRAConfig.from_dict({k: v for k, v in data.items() if k in _FIELDS})
     except (TypeError, ValueError) as exc:
         raise AdapterCheckpointError(f"{config_file}: {exc}") from None
-    tensors, _ = _read_tensors(weights)
+    tensors, _ = read_tensors_file(weights)
     _check_digest(tensors, data, str(weights))
     return config, data, tensors
 

@@ -329,8 +329,8 @@ def test_config_rejects_bad_fields(kwargs: dict[str, object], field: str) -> Non
 
 
 def test_unsupported_target_raises() -> None:
-    with pytest.raises(TypeError, match=r"nn\.Linear"):
-        get_peft_model(tiny_llama(), SeloraConfig(target_modules=["embed_tokens"]))
+    with pytest.raises(TypeError, match=r"is a LlamaRMSNorm.*nn\.Linear"):
+        get_peft_model(tiny_llama(), SeloraConfig(target_modules=["input_layernorm"]))
 
 
 def test_budget_too_big_for_layer_raises() -> None:

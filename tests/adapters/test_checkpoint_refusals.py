@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from seeded_bases import rotation_basis
 from test_io import assert_untouched, mlp, read_files, run, snapshot, trained, write_files
 from torch import Tensor, nn
 
@@ -25,7 +26,6 @@ from selora.adapters.checkpoint_format import HASH_KEY, LOCATIONS_PREFIX, PEFT_P
 from selora.adapters.io import AdapterCheckpointError, load_adapter, save_adapter
 from selora.spectral_bases import (
     BasisNotSavableError,
-    InverseTransform,
     register_basis,
     unregister_basis,
 )
@@ -281,22 +281,7 @@ def test_loading_into_a_merged_adapter_is_refused(saved: Path) -> None:
 # --------------------------------------------------------------------------- bases with options
 
 
-class _Rotation(InverseTransform):
-    """T(F) = F Q with an orthogonal Q drawn per width from ``seed`` (declared in options)."""
-
-    orthonormal = True
-
-    def __init__(self, seed: int = 0) -> None:
-        self.seed = seed
-
-    def options(self) -> dict[str, Any]:
-        return {"seed": self.seed}
-
-    def inverse(self, spectrum: Tensor) -> Tensor:
-        n = spectrum.shape[-1]
-        gen = torch.Generator().manual_seed(self.seed * 1000 + n)
-        q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
-        return spectrum @ q.to(spectrum.dtype)
+_Rotation = rotation_basis()
 
 
 class _Undeclared(_Rotation):
@@ -318,7 +303,7 @@ def test_a_basis_with_options_reloads_with_them(tmp_path: Path, rotation: Any) -
     save_adapter(model, tmp_path)
     config, _, _ = read_files(tmp_path)
     assert config["basis"] == "test-rotation" and config["basis_options"] == {"seed": 7}
-    assert config["basis_class"].endswith("._Rotation")
+    assert config["basis_class"] == f"{_Rotation.__module__}.{_Rotation.__qualname__}"
     fresh = load_adapter(mlp(), tmp_path)
     basis = selora.adapter_config(fresh).basis
     assert isinstance(basis, rotation) and basis.seed == 7  # not the default seed 0

@@ -18,13 +18,14 @@ from peft import PeftModel, get_peft_model
 from peft_reload import MLP_TARGETS, outputs, tiny_mlp
 from safetensors import safe_open
 from safetensors.torch import save_file
+from seeded_bases import rotation_basis
 from tiny_models import perturb
 from torch import Tensor, nn
 
 import selora
 from selora.adapters.checkpoint_format import HASH_KEY, LOCATIONS_PREFIX, config_digest
 from selora.integrations.peft import SeloraConfig
-from selora.spectral_bases import InverseTransform, register_basis, unregister_basis
+from selora.spectral_bases import register_basis, unregister_basis
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
@@ -201,22 +202,7 @@ def test_location_keys_survive_any_adapter_name(tmp_path: Path) -> None:
     assert torch.equal(outputs(loaded, X), outputs(model.eval(), X))
 
 
-class _Rotation(InverseTransform):
-    """T(F) = F Q, Q orthogonal, drawn per width from ``seed`` (declared in options)."""
-
-    orthonormal = True
-
-    def __init__(self, seed: int = 0) -> None:
-        self.seed = seed
-
-    def options(self) -> dict[str, Any]:
-        return {"seed": self.seed}
-
-    def inverse(self, spectrum: Tensor) -> Tensor:
-        n = spectrum.shape[-1]
-        gen = torch.Generator().manual_seed(self.seed * 1000 + n)
-        q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
-        return spectrum @ q.to(spectrum.dtype)
+_Rotation = rotation_basis()
 
 
 def test_a_basis_with_options_reloads_with_them_through_peft(tmp_path: Path) -> None:

@@ -31,7 +31,6 @@ import copy
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +38,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from timing import interleaved_wall_cpu
 
 import selora
 from selora.adapters.factor_batch import active_spectra, formed_factors
@@ -183,20 +184,6 @@ def make_formation(model: nn.Module, batched: bool) -> Callable[[], None] | None
     return run
 
 
-def timed(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, dict[str, list[float]]]:
-    for run in runs.values():
-        run()  # warm-up
-    out = {name: {"wall": [], "cpu": []} for name in runs}
-    names = list(runs)
-    for rep in range(repeats):
-        for name in names[rep % len(names) :] + names[: rep % len(names)]:
-            wall, cpu = time.perf_counter(), time.process_time()
-            runs[name]()
-            out[name]["wall"].append(time.perf_counter() - wall)
-            out[name]["cpu"].append(time.process_time() - cpu)
-    return out
-
-
 def report(samples: dict[str, dict[str, list[float]]], reference: str | None) -> list[str]:
     lines = [f"{'contender':<22}{'wall s':>8}{'ratio (min-max)':>22}{'cpu s':>8}{'ratio':>8}"]
     ref = samples.get(reference or "")
@@ -239,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     for seq in args.seq:
         ids = torch.randint(0, 49152, (args.batch, seq), generator=torch.Generator().manual_seed(1))
         steps = {name: make_step(model, ids) for name, model in models.items()}
-        samples = timed(steps, args.repeats)
+        samples = interleaved_wall_cpu(steps, args.repeats)
         reference = "peft:LoRA" if "peft:LoRA" in samples else None
         print(f"\nseq {seq}: train step, ratio to PEFT LoRA")
         print("\n".join(report(samples, reference)))
@@ -252,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
                 if run is not None:
                     runs[f"{name} {'batched' if batched else 'one by one'}"] = run
         if runs:
-            samples = timed(runs, args.repeats)
+            samples = interleaved_wall_cpu(runs, args.repeats)
             print("\nforming every factor of the model, forward + backward (s)")
             print("\n".join(report(samples, None)))
             results["formation"] = samples

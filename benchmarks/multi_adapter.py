@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from step import Holder
 from step import shared_linear as _shared
+from timing import interleaved_wall_cpu
 
 import selora
 
@@ -92,19 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     for k in (1, 2, 3):
         runs[f"selora K={k}"] = _step(_selora(base, k, args.r), x, upstream)
         runs[f"peft K={k}"] = _step(_peft(base, k, args.r), x, upstream)
-    for run in runs.values():
-        run()
-    wall: dict[str, list[float]] = {n: [] for n in runs}
-    cpu: dict[str, list[float]] = {n: [] for n in runs}
-    names = list(runs)
-    for rep in range(args.repeats):
-        for name in names[rep % len(names) :] + names[: rep % len(names)]:
-            w, c = time.perf_counter(), time.process_time()
-            runs[name]()
-            wall[name].append(time.perf_counter() - w)
-            cpu[name].append(time.process_time() - c)
-    med_w = {n: statistics.median(v) for n, v in wall.items()}
-    med_c = {n: statistics.median(v) for n, v in cpu.items()}
+    samples = interleaved_wall_cpu(runs, args.repeats)
+    med_w = {n: statistics.median(s["wall"]) for n, s in samples.items()}
+    med_c = {n: statistics.median(s["cpu"]) for n, s in samples.items()}
     print(
         f"one layer {args.d}x{args.d}, r={args.r}, {args.tokens} tokens, "
         f"{torch.get_num_threads()} threads, median of {args.repeats} interleaved repeats"

@@ -1,4 +1,4 @@
-"""Interleaved timing and result files shared by the benchmarks (bases, step, generate).
+"""Interleaved timing and result files shared by the benchmarks.
 
 Every repeat runs each contender once, starting from a different one in turn,
 so that a slow phase of a noisy machine hits all of them alike.
@@ -33,6 +33,29 @@ def interleaved_samples(
             for _ in range(number):
                 runs[name]()
             samples[name].append((time.perf_counter() - start) / number)
+    return samples
+
+
+def interleaved_wall_cpu(
+    runs: dict[str, Callable[[], None]], repeats: int, warmup: int = 1
+) -> dict[str, dict[str, list[float]]]:
+    """Wall and process CPU seconds of each call: ``{name: {"wall": [...], "cpu": [...]}}``.
+
+    Process CPU time is the steadier figure on a shared machine (another job's
+    load slows the wall clock, not this process's CPU time).
+    """
+    names = list(runs)
+    for _ in range(warmup):
+        for name in names:
+            runs[name]()
+    samples: dict[str, dict[str, list[float]]] = {n: {"wall": [], "cpu": []} for n in names}
+    for rep in range(repeats):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            runs[name]()
+            samples[name]["wall"].append(time.perf_counter() - wall)
+            samples[name]["cpu"].append(time.process_time() - cpu)
     return samples
 
 

@@ -26,7 +26,6 @@ import copy
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +33,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from timing import interleaved_wall_cpu
 
 import selora
 from selora import SpectralAdapter
@@ -77,21 +78,10 @@ def measure(
     runs: dict[str, Callable[[], None]], repeats: int, warmup: int
 ) -> dict[str, dict[str, float]]:
     """Median wall and process CPU seconds per call, interleaved."""
-    names = list(runs)
-    for _ in range(warmup):
-        for name in names:
-            runs[name]()
-    wall: dict[str, list[float]] = {n: [] for n in names}
-    cpu: dict[str, list[float]] = {n: [] for n in names}
-    for rep in range(repeats):
-        shift = rep % len(names)
-        for name in names[shift:] + names[:shift]:
-            w, c = time.perf_counter(), time.process_time()
-            runs[name]()
-            wall[name].append(time.perf_counter() - w)
-            cpu[name].append(time.process_time() - c)
+    samples = interleaved_wall_cpu(runs, repeats, warmup)
     return {
-        n: {"wall_s": statistics.median(wall[n]), "cpu_s": statistics.median(cpu[n])} for n in names
+        n: {"wall_s": statistics.median(s["wall"]), "cpu_s": statistics.median(s["cpu"])}
+        for n, s in samples.items()
     }
 
 

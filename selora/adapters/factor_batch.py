@@ -35,7 +35,13 @@ from torch import Tensor, nn
 
 from selora.spectral_bases import SparseSpectrum
 
-__all__ = ["BATCHED_DEVICE_TYPES", "active_spectra", "formed_factors", "prebuilt"]
+__all__ = [
+    "BATCHED_DEVICE_TYPES",
+    "active_spectra",
+    "formed_factors",
+    "prebuilt",
+    "spectra_to_batch",
+]
 
 BATCHED_DEVICE_TYPES: set[str] = {"cuda", "xpu", "mps"}
 """Device types whose factors a training call forms batched.
@@ -135,6 +141,25 @@ def formed_factors(spectra: Iterable[SparseSpectrum]) -> Iterator[None]:
         yield
     finally:
         _FORMED.reset(token)
+
+
+def spectra_to_batch(model: nn.Module) -> list[SparseSpectrum]:
+    """The factors a training call of ``model`` forms batched (:func:`active_spectra`).
+
+    None, without walking the model, when its parameters sit on a device type
+    that is not batched (the CPU): that walk would run at every training step
+    only to have every factor refused.
+
+    Args:
+        model: an adapted model.
+
+    Returns:
+        The factors, or an empty list.
+    """
+    first = next(model.parameters(), None)
+    if first is None or first.device.type not in BATCHED_DEVICE_TYPES:
+        return []
+    return active_spectra(model)
 
 
 def active_spectra(model: nn.Module) -> list[SparseSpectrum]:

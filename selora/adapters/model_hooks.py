@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from selora.adapters.factor_batch import active_spectra, formed_factors
+from selora.adapters.factor_batch import formed_factors, spectra_to_batch
 from selora.adapters.routing import check_adapter_names, routed
 
 __all__ = ["attach_model_hooks", "detach_model_hooks"]
@@ -63,7 +63,7 @@ class _Routing:
                 checked = check_adapter_names(names, known, training=model.training, merged=merged)
                 call.enter_context(routed(checked))
             elif model.training and torch.is_grad_enabled():
-                call.enter_context(formed_factors(active_spectra(model)))
+                call.enter_context(formed_factors(spectra_to_batch(model)))
         except BaseException:
             call.close()
             raise

@@ -21,7 +21,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import Tensor, nn
 
 from selora.adapters.checkpoint_format import PEFT_PREFIX
-from selora.adapters.factor_batch import active_spectra, formed_factors
+from selora.adapters.factor_batch import formed_factors, spectra_to_batch
 from selora.adapters.layer_types import (
     frozen_weight,
     is_adaptable_layer,
@@ -277,7 +277,7 @@ class SeloraModel(BaseTuner):
         names = kwargs.get("adapter_names")
         if names is None:
             if self.training and torch.is_grad_enabled():
-                with formed_factors(active_spectra(self.model)):
+                with formed_factors(spectra_to_batch(self.model)):
                     yield
             else:
                 yield

@@ -53,7 +53,7 @@ def test_batched_factors_give_the_per_layer_numbers(
     batched, batched_grads = _step(model)
     # q/o (32x32 factors), k/v (16x32) and down: grouped by shape, several per group
     assert calls and max(calls) >= 4, calls
-    monkeypatch.setattr(model_hooks, "active_spectra", lambda model: [])
+    monkeypatch.setattr(model_hooks, "spectra_to_batch", lambda model: [])
     calls.clear()
     single, single_grads = _step(model)
     assert not calls
@@ -88,10 +88,9 @@ def test_the_peft_door_batches_too(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(factor_batch, "_form", lambda s: calls.append(len(s)) or form(s))
     batched, grads = _step(model)
     assert calls
-    monkeypatch.setattr(factor_batch, "active_spectra", lambda m: [])
     from selora.integrations import peft_model
 
-    monkeypatch.setattr(peft_model, "active_spectra", lambda m: [])
+    monkeypatch.setattr(peft_model, "spectra_to_batch", lambda m: [])
     single, single_grads = _step(model)
     torch.testing.assert_close(batched, single, rtol=1e-6, atol=1e-6)
     for name, grad in grads.items():

@@ -17,6 +17,13 @@ repeat set. Then, per selora contender, the time to form every factor of the
 model (forward and backward of the transforms alone), batched per group
 (``selora.adapters.factor_batch``) and one spectrum at a time.
 
+Peak memory (at the last ``--seq``): one more step of each contender under
+``torch.profiler`` (``benchmarks/step.py``'s ``peak_memory``: the running sum
+of the CPU allocator's events, so the peak allocated on top of what existed
+before the step: activations, temporaries, gradients), plus the adapter's
+resident state (trainable parameters and AdamW's two moments, 3 x 4 bytes per
+trainable value); the shared frozen weights are the same for everyone and left out.
+
 Run from the repository root (1 thread: a shared machine's busy cores make
 many small ops wait, see ``benchmarks/step.py``)::
 
@@ -39,6 +46,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from step import peak_memory
 from timing import interleaved_wall_cpu
 
 import selora
@@ -154,6 +162,21 @@ def make_step(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
     return step
 
 
+def forced_batching(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with batched factor formation switched on for the CPU too."""
+    from selora.adapters import factor_batch
+
+    def run() -> None:
+        devices = factor_batch.BATCHED_DEVICE_TYPES
+        factor_batch.BATCHED_DEVICE_TYPES = devices | {"cpu"}
+        try:
+            step()
+        finally:
+            factor_batch.BATCHED_DEVICE_TYPES = devices
+
+    return run
+
+
 def make_formation(model: nn.Module, batched: bool) -> Callable[[], None] | None:
     spectra = active_spectra(model)
     if not spectra:
@@ -184,6 +207,31 @@ def make_formation(model: nn.Module, batched: bool) -> Callable[[], None] | None
     return run
 
 
+def measure_memory(
+    models: dict[str, nn.Module], steps: dict[str, Callable[[], None]]
+) -> dict[str, dict[str, int]]:
+    """Bytes of each contender: the step's peak on top of what existed, and its resident state."""
+    memory: dict[str, dict[str, int]] = {}
+    for name, step in steps.items():
+        trainable = sum(p.numel() for p in models[name].parameters() if p.requires_grad)
+        peak = peak_memory(step, torch.device("cpu"))
+        memory[name] = {"step_peak": peak, "state": 12 * trainable}
+    return memory
+
+
+def memory_report(memory: dict[str, dict[str, int]]) -> list[str]:
+    mib = 2.0**20
+    ref = memory.get("peft:LoRA")
+    ref_total = ref["step_peak"] + ref["state"] if ref else None
+    lines = [f"{'contender':<22}{'step peak':>10}{'state':>8}{'total':>8}{'ratio':>8}"]
+    for name, m in memory.items():
+        total = m["step_peak"] + m["state"]
+        ratio = f"{total / ref_total:>8.3f}" if ref_total else ""
+        peak, state = m["step_peak"] / mib, m["state"] / mib
+        lines.append(f"{name:<22}{peak:>10.1f}{state:>8.1f}{total / mib:>8.1f}{ratio}")
+    return lines
+
+
 def report(samples: dict[str, dict[str, list[float]]], reference: str | None) -> list[str]:
     lines = [f"{'contender':<22}{'wall s':>8}{'ratio (min-max)':>22}{'cpu s':>8}{'ratio':>8}"]
     ref = samples.get(reference or "")
@@ -207,6 +255,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--only", nargs="+", default=None, help="contender names")
     parser.add_argument("--no-formation", action="store_true")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    parser.add_argument(
+        "--cpu-batched",
+        action="store_true",
+        help="also time each spectral contender's step with batched formation forced on the CPU",
+    )
     parser.add_argument("--cache", type=Path, default=Path("/tmp/selora_smollm2_f32"))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -226,11 +280,22 @@ def main(argv: list[str] | None = None) -> None:
     for seq in args.seq:
         ids = torch.randint(0, 49152, (args.batch, seq), generator=torch.Generator().manual_seed(1))
         steps = {name: make_step(model, ids) for name, model in models.items()}
+        if args.cpu_batched:
+            steps |= {
+                f"{name} batched": forced_batching(steps[name])
+                for name, model in models.items()
+                if active_spectra(model)
+            }
         samples = interleaved_wall_cpu(steps, args.repeats)
         reference = "peft:LoRA" if "peft:LoRA" in samples else None
         print(f"\nseq {seq}: train step, ratio to PEFT LoRA")
         print("\n".join(report(samples, reference)))
         results[f"seq{seq}"] = samples
+    if not args.no_memory:
+        plain = {name: steps[name] for name in models}
+        results["memory"] = memory = measure_memory(models, plain)
+        print(f"\nseq {args.seq[-1]}: peak memory of a step (MiB), ratio to PEFT LoRA")
+        print("\n".join(memory_report(memory)))
     if not args.no_formation:
         runs: dict[str, Callable[[], None]] = {}
         for name, model in models.items():

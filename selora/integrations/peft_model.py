@@ -21,6 +21,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import Tensor, nn
 
 from selora.adapters.checkpoint_format import PEFT_PREFIX
+from selora.adapters.checkpoint_plan import restore_model, snapshot_model
 from selora.adapters.factor_batch import formed_factors, spectra_to_batch
 from selora.adapters.layer_types import (
     frozen_weight,
@@ -71,21 +72,6 @@ def _lora_default_targets() -> dict[str, list[str]]:
 
     table = constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
     return {model_type: list(names) for model_type, names in table.items()}
-
-
-def _snapshot(model: nn.Module) -> tuple[list[tuple[nn.Module, dict[str, Any]]], list[Any]]:
-    """Every module's children and every parameter's ``requires_grad``, to undo an injection."""
-    modules = [(m, dict(m._modules)) for m in model.modules()]
-    return modules, [(p, p.requires_grad) for p in model.parameters()]
-
-
-def _restore(snapshot: tuple[list[tuple[nn.Module, dict[str, Any]]], list[Any]]) -> None:
-    modules, flags = snapshot
-    for module, children in modules:
-        module._modules.clear()
-        module._modules.update(children)
-    for param, flag in flags:
-        param.requires_grad_(flag)
 
 
 def _adapter_names_hook(
@@ -172,14 +158,14 @@ class SeloraModel(BaseTuner):
             *args: PEFT's further arguments.
             **kwargs: PEFT's further keyword arguments.
         """
-        snapshot = _snapshot(model)
+        snapshot = snapshot_model(model)
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
             source = self.peft_config[adapter_name].__dict__.get(CHECKPOINT_DIR_ATTR)
             if source is not None:
                 _check_checkpoint(model, self.peft_config[adapter_name], adapter_name, source)
         except BaseException:
-            _restore(snapshot)
+            restore_model(snapshot)
             raise
 
     def _create_and_replace(

@@ -385,12 +385,19 @@ def test_get_peft_model_failing_midway_leaves_the_model_unwrapped() -> None:
     model.add_module("big", nn.Linear(64, 64))
     model.add_module("small", nn.Linear(8, 6))
     flags = [p.requires_grad for p in model.parameters()]
+    attributes = [
+        (m, set(vars(m)), {k: len(v) for k, v in vars(m).items() if isinstance(v, dict)})
+        for m in model.modules()
+    ]
     config = SeloraConfig(basis="fft", r=4, n_coeffs=100, target_modules=["big", "small"])
     with pytest.raises(ValueError, match="small"):
         peft.get_peft_model(model, config)
     assert isinstance(model.big, nn.Linear) and isinstance(model.small, nn.Linear)
     assert not _layers(model)
     assert [p.requires_grad for p in model.parameters()] == flags
+    for module, names, sizes in attributes:  # no attribute, hook or registry left behind
+        assert set(vars(module)) == names
+        assert {k: len(v) for k, v in vars(module).items() if isinstance(v, dict)} == sizes
 
 
 def test_default_targets_follow_peft_table_at_call_time(monkeypatch: pytest.MonkeyPatch) -> None:

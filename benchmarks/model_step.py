@@ -213,7 +213,8 @@ def measure_memory(
     """Bytes of each contender: the step's peak on top of what existed, and its resident state."""
     memory: dict[str, dict[str, int]] = {}
     for name, step in steps.items():
-        trainable = sum(p.numel() for p in models[name].parameters() if p.requires_grad)
+        model = models[name.removesuffix(" batched")]
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         peak = peak_memory(step, torch.device("cpu"))
         memory[name] = {"step_peak": peak, "state": 12 * trainable}
     return memory
@@ -292,8 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(report(samples, reference)))
         results[f"seq{seq}"] = samples
     if not args.no_memory:
-        plain = {name: steps[name] for name in models}
-        results["memory"] = memory = measure_memory(models, plain)
+        results["memory"] = memory = measure_memory(models, steps)
         print(f"\nseq {args.seq[-1]}: peak memory of a step (MiB), ratio to PEFT LoRA")
         print("\n".join(memory_report(memory)))
     if not args.no_formation:

@@ -72,7 +72,7 @@ def _inverse_along(coeffs: Tensor, dim: int, other: int) -> Tensor:
         matrix = plan(n, coeffs.dtype, coeffs.device)
         dense: Tensor = coeffs @ matrix if dim == -1 else matrix.T @ coeffs  # no transposed copy
         return dense
-    if dim == -2:  # measured: irfft along the last dimension of a transposed view is faster
+    if dim == -2:  # measured: irfft over the last dim of a transposed view is no slower than dim=-2
         return _inverse_along(coeffs.transpose(-1, -2), -1, other).transpose(-1, -2)
     fft_plan = _fft_plan.__wrapped__ if compiling else _fft_plan
     twiddle = fft_plan(n, coeffs.dtype, coeffs.device)

@@ -67,9 +67,13 @@ def test_validation_split_is_fixed_and_leaves_the_test_split_alone() -> None:
 
 def test_learning_rates_and_no_base_lr(finetune: ModuleType) -> None:
     args = finetune.parse_args([])
-    assert args.lr_grid == [3e-4, 1e-3, 3e-3, 1e-2] and args.seeds == [0, 1, 2]
+    assert args.lr_grid is None and args.seeds == [0, 1, 2]
+    for table in "abde":
+        assert finetune.lr_grid(table, args) == [3e-4, 1e-3, 3e-3, 1e-2]
+    assert finetune.lr_grid("c", args) == [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
     assert args.epochs == 2 and args.resume and args.val_fraction == 0.15
-    assert finetune.parse_args(["--lr-grid", "1e-2", "1e-3", "1e-2"]).lr_grid == [1e-3, 1e-2]
+    given = finetune.parse_args(["--lr-grid", "1e-2", "1e-3", "1e-2"])
+    assert given.lr_grid == [1e-3, 1e-2] and finetune.lr_grid("c", given) == [1e-3, 1e-2]
     assert not finetune.parse_args(["--fresh"]).resume
     for bad in (["--lr-grid", "0"], ["--lr-grid", "nan"], ["--base-lr", "hira=1e-2"],
                 ["--lr", "1e-3"], ["--seeds", "0", "0"], ["--fresh", "--resume"]):  # fmt: skip

@@ -13,12 +13,15 @@ with inference mode and gradient recording switched off.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import Generic, ParamSpec, Protocol, TypeVar
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 
 import torch
+from torch import Tensor
 
-__all__ = ["CachedBuilder", "tensor_cache"]
+__all__ = ["CachedBuilder", "LocationCache", "tensor_cache"]
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -67,3 +70,58 @@ def tensor_cache(
         return cached
 
     return decorator
+
+
+class LocationCache:
+    r"""Constants derived from a location tensor, cached per tensor object (least recently used go).
+
+    A basis' synthesis plan depends on the values of :math:`\Omega`, which a
+    :class:`~selora.SparseSpectrum` keeps in one tensor shared by every factor
+    of its shape and replaces (never edits) when the locations change. Keying by
+    the tensor's identity and version costs nothing per call, where hashing its
+    values would cost a pass over them. Each entry holds the tensor itself, so
+    its ``id`` cannot be reused by another tensor while the entry lives. The
+    builder runs like :func:`tensor_cache`'s, outside inference mode and
+    without gradients; under ``torch.compile`` it is traced instead.
+
+    Args:
+        maxsize: the most entries kept.
+    """
+
+    def __init__(self, maxsize: int = 512) -> None:
+        self.maxsize = maxsize
+        self._entries: OrderedDict[tuple[Hashable, ...], tuple[Tensor, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, indices: Tensor, key: tuple[Hashable, ...], build: Callable[[], _R]) -> _R:
+        """Return ``build()`` for ``indices`` and ``key``, building it on first use.
+
+        Args:
+            indices: the location tensor the result derives from.
+            key: whatever else the result depends on (shape, dtype, ...).
+            build: computes the result from ``indices``.
+
+        Returns:
+            The cached or new result.
+        """
+        if torch.compiler.is_compiling():
+            return build()
+        full = (id(indices), indices._version, *key)
+        with self._lock:
+            found = self._entries.get(full)
+            if found is not None and found[0] is indices:
+                self._entries.move_to_end(full)
+                result: _R = found[1]
+                return result
+        with torch.inference_mode(False), torch.no_grad():
+            result = build()
+        with self._lock:
+            self._entries[full] = (indices, result)
+            while len(self._entries) > self.maxsize:
+                self._entries.popitem(last=False)
+        return result
+
+    def cache_clear(self) -> None:
+        """Forget every entry."""
+        with self._lock:
+            self._entries.clear()

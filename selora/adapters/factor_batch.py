@@ -90,16 +90,14 @@ def _group_key(spectrum: SparseSpectrum) -> tuple[Any, ...]:
 def _form(spectra: list[SparseSpectrum]) -> list[Tensor]:
     """Form the matrices of spectra sharing basis, shape, locations and scale."""
     first = spectra[0]
-    (m, n), k = first.shape, first.n_coeffs
+    m, n = first.shape
     coeffs = torch.stack([s.coefficients for s in spectra])
     if first.scale_factor != 1.0:
         coeffs = coeffs * first.scale_factor
-    indices = first.indices.to(coeffs.device).expand(len(spectra), k)
-    flat = coeffs.new_zeros(len(spectra), m * n).scatter(1, indices, coeffs)
-    batch = flat.view(len(spectra), m, n)
-    if batch.dtype not in (torch.float32, torch.float64):
-        batch = batch.float()
-    out = first.basis(batch).to(first.coefficients.dtype)
+    if coeffs.dtype not in (torch.float32, torch.float64):
+        coeffs = coeffs.float()
+    out = first.basis.synthesize(coeffs, first.indices.to(coeffs.device), (m, n))
+    out = out.to(first.coefficients.dtype)
     return list(out.unbind(0))
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from selora._tensor_cache import tensor_cache
+from selora._tensor_cache import LocationCache, tensor_cache
 from selora.spectral_bases.registry import InverseTransform, register_basis
 
 __all__ = ["CosineTransform"]
@@ -80,6 +81,127 @@ def _inverse_along(coeffs: Tensor, dim: int, other: int) -> Tensor:
     return signal[..., :n]
 
 
+_Plan = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+_plans = LocationCache()
+
+
+def _sparse_plan(indices: Tensor, m: int, n: int, long_last: bool, dtype: torch.dtype) -> _Plan:
+    r"""The constants of :class:`_SparseLongAxis` for :math:`\Omega` (cached per location tensor).
+
+    Returns ``(positions, weights, adjoint_weights, order, unorder)``: the two
+    float slots (real, imaginary) of each coefficient in the half spectrum
+    :math:`W` of length :math:`\lfloor N/2 \rfloor + 1`, the forward weights
+    :math:`(\operatorname{Re} w_l, \operatorname{Im} w_l)` interleaved, the
+    same times the Hermitian multiplicity of the slot (1 at :math:`0` and
+    :math:`N/2`, else 2), the output order :math:`x = v[\text{order}]` and its
+    inverse.
+    """
+
+    def build() -> _Plan:
+        flat = indices.reshape(-1).to(torch.int64)
+        u, v = flat // n, flat % n
+        short, long, size = (u, v, n) if long_last else (v, u, m)
+        upper = 2 * long > size
+        slot = torch.where(upper, size - long, long)
+        scale = torch.full(long.shape, math.sqrt(2.0 / size) / 2.0, dtype=torch.float64)
+        scale = scale.to(flat.device)
+        scale[long == 0] = math.sqrt(1.0 / size)
+        scale[2 * long == size] = math.sqrt(2.0 / size) / math.sqrt(2.0)
+        angle = math.pi * long.to(torch.float64) / (2.0 * size)
+        angle = torch.where(upper, -angle, angle)
+        angle[2 * long == size] = 0.0
+        weights = torch.view_as_real(torch.polar(scale, angle))
+        multiplicity = torch.where((slot == 0) | (2 * slot == size), 1.0, 2.0)
+        first = (short * (size // 2 + 1) + slot) * 2
+        positions = torch.stack([first, first + 1], dim=-1).reshape(-1)
+        j = torch.arange(size, device=flat.device)
+        order = torch.where(j % 2 == 0, j // 2, size - 1 - j // 2)
+        unorder = torch.empty_like(order)
+        unorder[order] = j
+        adjoint = weights * multiplicity.to(torch.float64)[:, None]
+        return (
+            positions,
+            weights.reshape(-1).to(dtype),
+            adjoint.reshape(-1).to(dtype),
+            order,
+            unorder,
+        )
+
+    return _plans.get(indices, (indices.device, m, n, long_last, dtype), build)
+
+
+def _long_axis_inverse(
+    coefficients: Tensor, positions: Tensor, weights: Tensor, order: Tensor, short: int
+) -> Tensor:
+    size = order.numel()
+    batch = coefficients.shape[:-1]
+    values = (coefficients.unsqueeze(-1) * weights.view(-1, 2)).reshape(*batch, -1)
+    half = coefficients.new_zeros(*batch, short * (size // 2 + 1) * 2)
+    half = half.index_add(-1, positions, values).view(*batch, short, size // 2 + 1, 2)
+    signal = torch.fft.irfft(torch.view_as_complex(half), n=size, norm="forward")
+    ordered: Tensor = signal.index_select(-1, order)
+    return ordered
+
+
+class _SparseLongAxis(torch.autograd.Function):
+    r"""DCT-III along the long axis of :math:`\operatorname{scatter}(s, \Omega)`, put last.
+
+    Makhoul's length-:math:`N` route (1980). With :math:`X_N = 0`,
+    :math:`W_0 = 2 c_0 X_0` and
+    :math:`W_u = (c_u X_u - i\,c_{N-u} X_{N-u})\,e^{i\pi u/2N}`, :math:`W` is
+    Hermitian and :math:`v_j = \tfrac12 \sum_u W_u e^{2\pi i uj/N}` gives
+    :math:`x_{2j} = v_j` and :math:`x_{2j+1} = v_{N-1-j}`. So one real inverse
+    FFT of length :math:`N` reads the half :math:`W_{0..\lfloor N/2 \rfloor}/2`, to
+    which :math:`X_l` adds :math:`w_l X_l` at one slot: :math:`c_0` at 0,
+    :math:`\tfrac{c_l}{2} e^{i\pi l/2N}` at :math:`l < N/2`,
+    :math:`\tfrac{c_l}{2} e^{-i\pi l/2N}` at :math:`N - l` for :math:`l > N/2`,
+    and :math:`c_l/\sqrt 2` at :math:`N/2`. The forward writes the
+    coefficients straight there (no dense spectrum), and the output order is a
+    gather. The backward is the adjoint written as gathers only: undo the order,
+    one ``rfft``, then
+    :math:`\bar s_i = \mu_i (\operatorname{Re} w_i \operatorname{Re} R + \operatorname{Im} w_i
+    \operatorname{Im} R)` at the coefficient's slot, :math:`\mu` the slot's
+    multiplicity in the Hermitian sum (autograd's own backward would scatter
+    through the two gathers, which cost more than the FFTs on the CPU).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        coefficients: Tensor,
+        positions: Tensor,
+        weights: Tensor,
+        adjoint_weights: Tensor,
+        order: Tensor,
+        unorder: Tensor,
+        short: int,
+    ) -> Tensor:
+        return _long_axis_inverse(coefficients, positions, weights, order, short)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        _, positions, weights, adjoint_weights, order, unorder, short = inputs
+        ctx.save_for_backward(positions, adjoint_weights, unorder)
+        ctx.save_for_forward(positions, weights, order)
+        ctx.short = short
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        positions, adjoint_weights, unorder = ctx.saved_tensors
+        batch = grad.shape[:-2]
+        spectrum = torch.fft.rfft(grad.index_select(-1, unorder))
+        parts = torch.view_as_real(spectrum).reshape(*batch, -1).index_select(-1, positions)
+        parts = (parts * adjoint_weights).view(*batch, -1, 2)
+        # two strided halves, not sum(-1): a reduction over a length-2 axis is slow on the CPU
+        return parts[..., 0] + parts[..., 1], None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: Tensor, *_: Any) -> Tensor:
+        positions, weights, order = ctx.saved_tensors
+        return _long_axis_inverse(tangent, positions, weights, order, ctx.short)
+
+
 @register_basis("dct")
 class CosineTransform(InverseTransform):
     r"""Orthonormal 2-D inverse DCT-II (that is, the orthonormal DCT-III).
@@ -112,6 +234,43 @@ class CosineTransform(InverseTransform):
         m, n = spectrum.shape[-2:]
         rows_done = _inverse_along(spectrum, -1, other=m)
         return _inverse_along(rows_done, -2, other=n).contiguous()
+
+    def synthesize(self, coefficients: Tensor, indices: Tensor, shape: tuple[int, int]) -> Tensor:
+        r"""Return the 2-D inverse DCT of :math:`\operatorname{scatter}(s, \Omega)`.
+
+        See :meth:`InverseTransform.synthesize`. A factor's shape has one long
+        axis, taken by an FFT, and one short one, a dense matrix product. The
+        long axis goes first, straight from the coefficients, by a real inverse
+        FFT of its own length (:class:`_SparseLongAxis`); the short axis is then
+        the product. Shapes whose two axes take the same route in
+        :meth:`inverse` use the default.
+
+        Args:
+            coefficients: real tensor ``(..., k)``.
+            indices: the ``k`` flat positions of :math:`\Omega`, int64, on the
+                coefficients' device.
+            shape: ``(m, n)``.
+
+        Returns:
+            Real tensor ``(..., m, n)`` in the coefficients' dtype.
+        """
+        m, n = int(shape[0]), int(shape[1])
+        dtype = coefficients.dtype
+        rows_long = n > min(m, _DENSE_MAX)  # the transform along dim -1 takes the FFT route
+        if rows_long == (m > min(n, _DENSE_MAX)) or dtype not in (torch.float32, torch.float64):
+            return super().synthesize(coefficients, indices, shape)
+        short = m if rows_long else n
+        plan = _sparse_plan(indices, m, n, rows_long, dtype)
+        if torch.compiler.is_compiling():
+            # Dynamo does not trace a Function with a custom jvp; autograd's backward is exact too
+            along = _long_axis_inverse(coefficients, plan[0], plan[1], plan[3], short)
+        else:
+            apply = _SparseLongAxis.apply
+            along = apply(coefficients, *plan, short)  # type: ignore[no-untyped-call]
+        dense = _dense_plan.__wrapped__ if torch.compiler.is_compiling() else _dense_plan
+        matrix = dense(short, dtype, coefficients.device)
+        out: Tensor = matrix.T @ along if rows_long else along.mT @ matrix
+        return out
 
     def active_energy(self, shape: tuple[int, int], indices: Tensor) -> float:
         r"""Return the energy of :math:`\Omega`: ``k``, one per location (the basis is orthonormal).

@@ -2,12 +2,98 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
+from selora._tensor_cache import LocationCache
 from selora.spectral_bases.registry import InverseTransform, register_basis
 
 __all__ = ["FourierTransform"]
+
+_Plan = tuple[Tensor, Tensor, Tensor]
+_plans = LocationCache()
+
+
+def _half_plan(indices: Tensor, m: int, n: int, dtype: torch.dtype) -> _Plan:
+    r"""Where each coefficient lands in the half spectrum, with what weight, and where its re is.
+
+    For :math:`p = (u, v)`, the target is :math:`p` itself when
+    :math:`v \le \lfloor n/2 \rfloor`, else its mirror :math:`-p`, which is.
+    The weight is 1/2, or 1 in the columns :math:`v = 0` and :math:`v = n/2`
+    (see :meth:`FourierTransform.synthesize`). The third tensor holds each
+    target's position in the float view of the complex half spectrum (its real
+    part), which the backward gathers. Cached per location tensor.
+    """
+
+    def build() -> _Plan:
+        h = n // 2 + 1
+        flat = indices.reshape(-1).to(torch.int64)
+        u, v = flat // n, flat % n
+        kept = v < h
+        tu = torch.where(kept, u, (-u) % m)
+        tv = torch.where(kept, v, (-v) % n)
+        edge = (v == 0) | ((v == n // 2) & (n % 2 == 0))
+        weights = torch.where(edge, 1.0, 0.5).to(dtype)
+        targets = tu * h + tv
+        return targets, weights, targets * 2
+
+    return _plans.get(indices, (indices.device, m, n, dtype), build)
+
+
+def _half_spectrum_inverse(
+    coefficients: Tensor, targets: Tensor, weights: Tensor, m: int, n: int
+) -> Tensor:
+    h = n // 2 + 1
+    batch = coefficients.shape[:-1]
+    half = coefficients.new_zeros(*batch, m * h).index_add(-1, targets, coefficients * weights)
+    out: Tensor = torch.fft.irfft2(half.view(*batch, m, h), s=(m, n))
+    return out
+
+
+class _HalfSpectrumSynthesis(torch.autograd.Function):
+    r"""``s -> Re(IDFT_2(scatter(s, Omega)))`` through the half spectrum, with its exact adjoint.
+
+    The adjoint of :math:`s \mapsto M` is
+    :math:`\bar s_i = \operatorname{Re}\big(\mathrm{DFT}_2(\bar M)\big)_{t_i} / (mn)`: the
+    derivative of :math:`M_{jk}` in :math:`s_i` is
+    :math:`\cos(2\pi(u_i j/m + v_i k/n)) / (mn)`, the same at :math:`p_i` and at its
+    target :math:`t_i = \pm p_i`, and the real part of the forward DFT sums exactly
+    those cosines. autograd's own backward of ``irfft2`` would also multiply the
+    complex half spectrum by the Hermitian weights, a strided complex product that
+    cost more than the FFT itself on the CPU.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        coefficients: Tensor, targets: Tensor, weights: Tensor, real_parts: Tensor, m: int, n: int
+    ) -> Tensor:
+        return _half_spectrum_inverse(coefficients, targets, weights, m, n)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        _, targets, weights, real_parts, m, n = inputs
+        ctx.save_for_backward(real_parts)
+        ctx.save_for_forward(targets, weights)
+        ctx.shape = (m, n)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (real_parts,) = ctx.saved_tensors
+        m, n = ctx.shape
+        batch = grad.shape[:-2]
+        spectrum = torch.fft.rfft2(grad, s=(m, n), norm="forward")
+        parts = torch.view_as_real(spectrum).reshape(*batch, -1)  # re, im interleaved
+        return parts.index_select(-1, real_parts), None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: Tensor, *_: Any) -> Tensor:
+        targets, weights = ctx.saved_tensors
+        m, n = ctx.shape
+        return _half_spectrum_inverse(tangent, targets, weights, m, n)
 
 
 @register_basis("fft")
@@ -39,6 +125,44 @@ class FourierTransform(InverseTransform):
         """
         out: Tensor = torch.fft.ifft2(spectrum, dim=(-2, -1)).real
         return out.contiguous()
+
+    def synthesize(self, coefficients: Tensor, indices: Tensor, shape: tuple[int, int]) -> Tensor:
+        r"""Return :math:`\operatorname{Re}\,\mathrm{IDFT}_2(\operatorname{scatter}(s, \Omega))`.
+
+        See :meth:`InverseTransform.synthesize`. The real part of the inverse
+        DFT of a real spectrum :math:`F` is the inverse DFT of its even part
+        :math:`F^e_p = (F_p + F_{-p})/2`, which is real and Hermitian, so a real
+        inverse FFT (``irfft2``) computes it from the half spectrum
+        :math:`H = F^e_{:, 0..\lfloor n/2 \rfloor}` at about half the cost of a
+        complex one. A coefficient at :math:`p = (u, v)` adds :math:`s/2` to
+        :math:`H` at whichever of :math:`p` and :math:`-p` lies in the half; in
+        the columns :math:`v = 0` and :math:`v = n/2`, where both do, it adds
+        :math:`s` at :math:`p` alone, because ``irfft2`` keeps only the real
+        part of those columns after the inverse DFT along the rows, and
+        :math:`\cos` is even, so the split would not change it. One
+        ``index_add`` builds :math:`H`; the backward is one ``rfft2`` and one
+        gather (:class:`_HalfSpectrumSynthesis`).
+
+        Args:
+            coefficients: real tensor ``(..., k)`` in float32 or float64.
+            indices: the ``k`` flat positions of :math:`\Omega`, int64, on the
+                coefficients' device.
+            shape: ``(m, n)``.
+
+        Returns:
+            Real tensor ``(..., m, n)`` in the coefficients' dtype.
+        """
+        m, n = int(shape[0]), int(shape[1])
+        if coefficients.dtype not in (torch.float32, torch.float64):
+            return super().synthesize(coefficients, indices, shape)
+        targets, weights, real_parts = _half_plan(indices, m, n, coefficients.dtype)
+        if torch.compiler.is_compiling():
+            # Dynamo does not trace a Function with a custom jvp; autograd's backward is exact too
+            return _half_spectrum_inverse(coefficients, targets, weights, m, n)
+        out: Tensor = _HalfSpectrumSynthesis.apply(  # type: ignore[no-untyped-call]
+            coefficients, targets, weights, real_parts, m, n
+        )
+        return out
 
     def active_energy(self, shape: tuple[int, int], indices: Tensor) -> float:
         r"""Return the energy of :math:`\Omega` in closed form.

@@ -102,6 +102,35 @@ class InverseTransform(abc.ABC):
             return self.inverse(spectrum.float()).to(spectrum.dtype)
         return self.inverse(spectrum)
 
+    def synthesize(self, coefficients: Tensor, indices: Tensor, shape: tuple[int, int]) -> Tensor:
+        r"""Return :math:`T(\operatorname{scatter}(s, \Omega))` straight from the coefficients.
+
+        .. math::
+
+            M = T(F), \qquad F_p = s_i \text{ at } p = \Omega_i, \quad F_p = 0 \text{ elsewhere}.
+
+        This default scatters ``s`` into a zero ``(..., m, n)`` spectrum and
+        calls the basis, so a user basis needs nothing more. A basis whose
+        transform can skip the dense spectrum (``fft`` builds the half
+        spectrum that a real inverse FFT reads) overrides it; the result must
+        equal the default's to rounding, and the contract tests compare the two
+        for every registered basis.
+
+        Args:
+            coefficients: real floating tensor ``(..., k)``.
+            indices: the ``k`` distinct flat positions of :math:`\Omega` in
+                ``[0, m * n)``, int64, on the coefficients' device.
+            shape: ``(m, n)``, a shape this basis accepts.
+
+        Returns:
+            :math:`M`, shape ``(..., m, n)``, in the coefficients' dtype.
+        """
+        m, n = int(shape[0]), int(shape[1])
+        batch = coefficients.shape[:-1]
+        flat = coefficients.new_zeros(*batch, m * n)
+        flat = flat.scatter(-1, indices.expand(coefficients.shape), coefficients)
+        return self(flat.view(*batch, m, n))
+
     def active_energy(self, shape: tuple[int, int], indices: Tensor) -> float:
         r"""Return the energy :math:`E` of the active set :math:`\Omega`, in float64.
 

@@ -308,10 +308,9 @@ class SparseSpectrum(nn.Module):
         coeffs: Tensor = self.coefficients
         if self.scale_factor != 1.0:
             coeffs = coeffs * self.scale_factor  # c T(F) = T(c F): k products, not mn
-        spectrum = self._scatter(coeffs)
-        if spectrum.dtype not in (torch.float32, torch.float64):
-            spectrum = spectrum.float()
-        out = self.basis(spectrum)
+        if coeffs.dtype not in (torch.float32, torch.float64):
+            coeffs = coeffs.float()
+        out = self.basis.synthesize(coeffs, self._locations(), self.shape)
         return out.to(dtype or self.coefficients.dtype)
 
     def _locations(self) -> Tensor:

@@ -30,6 +30,7 @@ from selora.spectral_bases.wavelet_periodized import (
     _Polyphase,
     _synthesize,
     polyphase_taps,
+    synthesize_sparse,
 )
 
 __all__ = [
@@ -241,6 +242,36 @@ class WaveletTransform(InverseTransform):
             return _synthesize(block, build(poly, m, n, block.dtype, block.device))
 
         return synthesize_levels(spectrum, self.levels, one_level)
+
+    def synthesize(self, coefficients: Tensor, indices: Tensor, shape: tuple[int, int]) -> Tensor:
+        r"""Return the inverse DWT of :math:`\operatorname{scatter}(s, \Omega)`.
+
+        See :meth:`InverseTransform.synthesize`. One periodized level gathers
+        its band windows straight from the coefficients (the scatter composed
+        with the synthesis' gather), so the dense spectrum is never built;
+        boundary wavelets and several levels use the default.
+
+        Args:
+            coefficients: real tensor ``(..., k)``.
+            indices: the ``k`` flat positions of :math:`\Omega`, int64, on the
+                coefficients' device.
+            shape: ``(m, n)``, a shape this basis accepts.
+
+        Returns:
+            Real tensor ``(..., m, n)`` in the coefficients' dtype.
+        """
+        dtype = coefficients.dtype
+        if (
+            self.boundary == "orthogonal"
+            or self.levels != 1
+            or dtype not in (torch.float32, torch.float64)
+        ):
+            return super().synthesize(coefficients, indices, shape)
+        m, n = int(shape[0]), int(shape[1])
+        self.check_shape(m, n)
+        build = _plan.__wrapped__ if torch.compiler.is_compiling() else _plan
+        plan = build(self._poly, m, n, dtype, coefficients.device)
+        return synthesize_sparse(coefficients, indices, self._poly, plan, m, n)
 
     def __repr__(self) -> str:
         levels = f", levels={self.levels}" if self.levels != 1 else ""

@@ -22,9 +22,9 @@ import pywt
 import torch
 from torch import Tensor
 
-from selora._tensor_cache import tensor_cache
+from selora._tensor_cache import LocationCache, tensor_cache
 
-__all__ = ["polyphase_taps"]
+__all__ = ["polyphase_taps", "synthesize_sparse"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,11 +227,16 @@ def _synthesize(spectrum: Tensor, plan: _Plan) -> Tensor:
     plain torch operation, so autograd's backward is the exact adjoint (the
     periodized analysis), with forward mode, vmap and torch.compile for free.
     """
-    *batch, m, n = spectrum.shape
+    m, n = spectrum.shape[-2:]
+    return _synthesize_windows(spectrum.flatten(-2).index_select(-1, plan.gather), plan, m, n)
+
+
+def _synthesize_windows(windows: Tensor, plan: _Plan, m: int, n: int) -> Tensor:
+    """The synthesis from the gathered windows ``(..., len(plan.gather))`` (:func:`_synthesize`)."""
+    batch = windows.shape[:-1]
     length = m if plan.rows_first else n
     first_rows = n if plan.rows_first else m
     width = plan.first.shape[1]
-    windows = spectrum.flatten(-2).index_select(-1, plan.gather)
     partial = windows.reshape(*batch, -1, width) @ plan.first.mT
     partial = partial.reshape(*batch, first_rows, -1)
     if partial.shape[-1] != length:
@@ -248,3 +253,30 @@ def _synthesize(spectrum: Tensor, plan: _Plan) -> Tensor:
     if out.shape[-2] != m:
         out = out[..., :m, :].contiguous()
     return out
+
+
+_composed = LocationCache()
+
+
+def synthesize_sparse(
+    coefficients: Tensor, indices: Tensor, poly: _Polyphase, plan: _Plan, m: int, n: int
+) -> Tensor:
+    r""":func:`_synthesize` of :math:`\operatorname{scatter}(s, \Omega)`, windows read from ``s``.
+
+    The gather of :func:`_synthesize` reads the spectrum at ``plan.gather``;
+    composing it with the scatter reads :math:`s` (extended by one zero for the
+    inactive positions) instead, so the dense spectrum is never built, and the
+    backward adds the windows' gradients into the ``k + 1`` entries directly.
+    """
+    batch = coefficients.shape[:-1]
+    k = coefficients.shape[-1]
+
+    def build() -> Tensor:
+        inverse = torch.full((m * n,), k, dtype=torch.int64, device=indices.device)
+        inverse[indices.reshape(-1).to(torch.int64)] = torch.arange(k, device=indices.device)
+        return inverse[plan.gather.to(indices.device)]
+
+    # the gather follows from (wavelet, m, n) alone: _plan's layout does not depend on the dtype
+    composed = _composed.get(indices, (indices.device, poly, m, n), build)
+    extended = torch.cat([coefficients, coefficients.new_zeros(*batch, 1)], dim=-1)
+    return _synthesize_windows(extended.index_select(-1, composed), plan, m, n)

@@ -18,26 +18,32 @@ from selora.spectral_bases import SparseSpectrum
 
 @contextmanager
 def spy_transforms(model: nn.Module) -> Iterator[list[torch.dtype]]:
-    """Record the dtype of every spectrum a layer's basis transforms."""
+    """Record the dtype every layer's basis transforms in (``synthesize`` and ``inverse``)."""
     seen: list[torch.dtype] = []
     patched = []
     for _, layer in selora.adapter_layers(model):
         for factor in (layer.adapter.lora_A, layer.adapter.lora_B):
             if isinstance(factor, SparseSpectrum) and factor.basis not in [b for b, _ in patched]:
-                original = factor.basis.inverse
+                inverse, synthesize = factor.basis.inverse, factor.basis.synthesize
 
-                def inverse(spectrum: Tensor, _original=original) -> Tensor:  # type: ignore[no-untyped-def]
+                def spy_inverse(spectrum: Tensor, _original=inverse) -> Tensor:  # type: ignore[no-untyped-def]
                     seen.append(spectrum.dtype)
                     out: Tensor = _original(spectrum)
                     return out
 
-                factor.basis.inverse = inverse  # type: ignore[method-assign]
-                patched.append((factor.basis, original))
+                def spy_synthesize(coefficients, indices, shape, _original=synthesize):  # type: ignore[no-untyped-def]
+                    seen.append(coefficients.dtype)
+                    return _original(coefficients, indices, shape)
+
+                factor.basis.inverse = spy_inverse  # type: ignore[method-assign]
+                factor.basis.synthesize = spy_synthesize  # type: ignore[method-assign]
+                patched.append((factor.basis, (inverse, synthesize)))
     try:
         yield seen
     finally:
-        for basis, original in patched:
-            basis.inverse = original  # type: ignore[method-assign]
+        for basis, (inverse, synthesize) in patched:
+            basis.inverse = inverse  # type: ignore[method-assign]
+            basis.synthesize = synthesize  # type: ignore[method-assign]
 
 
 def _causal_lm_loss(model: nn.Module, ids: Tensor) -> Tensor:

@@ -19,16 +19,17 @@ from basis_shapes import fit_shape
 
 import selora
 from selora import SparseSpectrum
+from selora._tensor_cache import LocationCache
 from selora.spectral_bases import cosine, spectrum, wavelet
 
 
-def all_caches() -> Iterator[tuple[str, functools._lru_cache_wrapper]]:  # type: ignore[type-arg]
+def all_caches() -> Iterator[tuple[str, functools._lru_cache_wrapper | LocationCache]]:  # type: ignore[type-arg]
     for info in pkgutil.walk_packages(selora.__path__, "selora."):
         if info.name.startswith("selora.demo"):
             continue
         module = importlib.import_module(info.name)
         for name, value in vars(module).items():
-            if isinstance(value, functools._lru_cache_wrapper):
+            if isinstance(value, (functools._lru_cache_wrapper, LocationCache)):
                 yield f"{info.name}.{name}", value
 
 
@@ -72,8 +73,8 @@ def test_every_module_level_cache_is_inference_safe() -> None:
     found = dict(all_caches())
     assert "selora.spectral_bases.cosine._dense_plan" in found  # the scan sees the caches
     for name, cache in found.items():
-        if getattr(cache, "selora_tensor_cache", False):
-            continue
+        if getattr(cache, "selora_tensor_cache", False) or isinstance(cache, LocationCache):
+            continue  # both build outside inference mode
         assert name in holds_no_tensor, (
             f"{name} is a functools cache that is not selora._tensor_cache.tensor_cache: "
             "a tensor it builds under torch.inference_mode would poison training"

@@ -243,7 +243,13 @@ def test_paper_scale_reproduces_the_pre_change_output_exactly(
     coefficients, matrix = _pre_change(name, shape, 0.6, 5)
     assert torch.equal(paper.coefficients.detach(), coefficients)
     with torch.no_grad():
-        assert torch.equal(paper(), matrix)
+        formed = paper()
+    if name in ("fft", "dct"):
+        # formed by the basis' synthesize (half-spectrum FFTs), equal to the scatter-then-
+        # transform of the pre-change code up to float32 rounding, not bit for bit
+        torch.testing.assert_close(formed, matrix, rtol=0, atol=1e-6 * matrix.abs().max().item())
+    else:
+        assert torch.equal(formed, matrix)
 
 
 @pytest.mark.parametrize("name", BASES)

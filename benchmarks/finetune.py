@@ -33,7 +33,7 @@ d. ``rank_sweep``: selora at ranks 4..128 with a fixed number of coefficients
    the second).
 e. ``frontier``: the parameter-efficiency frontier, test Pearson r against
    trainable parameters (log scale): dense LoRA at ranks 1..64, and selora
-   (``--frontier-bases``) across budgets: sparse ratios 0.2..0.95 at r = 8
+   (``--frontier-bases``, fft and coif) across budgets: sparse ratios 0.2..0.95 at r = 8
    and r = 32, and an ``n_coeffs`` sweep at r = 64. Each selora point's
    reference is the LoRA rank with the nearest parameter count.
 
@@ -56,11 +56,11 @@ protocol imply 0.33 s per step on a busier one), so a run takes 50 to 110 s::
     python benchmarks/finetune.py --tables b --threads 1   #  60 runs, 0.8 to 1.8 h
     python benchmarks/finetune.py --tables c --threads 1   # 126 runs, 1.8 to 3.9 h
     python benchmarks/finetune.py --tables d --threads 1   # 216 runs, 3.0 to 6.6 h
-    python benchmarks/finetune.py --tables e --threads 1   # 228 runs, 3.2 to 7.0 h
+    python benchmarks/finetune.py --tables e --threads 1   # 372 runs, 5.2 to 11.4 h
 
 Runs shared through the cache train once: after a, table c trains 114 runs;
-after a and b, table d trains 192; after d, table e trains 156; all five
-tables are 630 runs, 9 to 19 h (``--dry-run`` counts them).
+after a and b, table d trains 192; after d, table e trains 288; all five
+tables are 762 runs, 10.6 to 23.3 h (``--dry-run`` counts them).
 Each command can be stopped and started again. A reduced smoke run::
 
     python benchmarks/finetune.py --tables a --seeds 0 --epochs 1 --lr-grid 1e-3 3e-3 \\
@@ -161,7 +161,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--frontier-lora-ranks", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64],
         help="table e: dense LoRA's ranks",
     )  # fmt: skip
-    p.add_argument("--frontier-bases", nargs="+", default=["fft"], help="table e: selora's bases")
+    p.add_argument(
+        "--frontier-bases", nargs="+", default=["fft", "coif"], help="table e: selora's bases"
+    )
     p.add_argument(
         "--frontier-ranks", nargs="+", type=int, default=[8, 32],
         help="table e: selora's ranks of the sparse-ratio sweeps",

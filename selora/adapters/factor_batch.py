@@ -47,11 +47,11 @@ BATCHED_DEVICE_TYPES: set[str] = {"cuda", "xpu", "mps"}
 """Device types whose factors a training call forms batched.
 
 Not the CPU: there a step's transforms cost their arithmetic, not per-call
-overhead, and pocketfft is slower on one ``(G, m, n)`` batch than on ``G``
-small matrices (measured on SmolLM2-135M's 300 factors, fft, one thread:
-110 ms batched against 82 ms one by one, forward and backward; haar 74
-against 68, dct 132 against 140). On an accelerator each call is a kernel
-launch, which the batching saves.
+overhead. Forming SmolLM2-135M's 300 factors alone, forward and backward, one
+thread, batched against one by one: fft 53 against 65 ms, haar 64 against 68,
+dct 104 against 79 (its batched FFTs are slower); in a whole training step
+the difference changed sign between runs (``docs/benchmarks.md``). On an
+accelerator each call is a kernel launch, which the batching saves.
 """
 
 _FORMED: contextvars.ContextVar[dict[int, Tensor] | None] = contextvars.ContextVar(

@@ -103,12 +103,14 @@ def test_table_e_is_lora_across_ranks_and_selora_across_budgets(finetune: Module
     methods, fmt = finetune.methods_for("e", finetune.parse_args([]))
     got = [(m.basis, m.r, m.sparse_ratio, m.n_coeffs) for m in methods]
     lora = [(None, r, None, None) for r in (1, 2, 4, 8, 16, 32, 64)]
-    ratios = [("fft", r, x, None) for r in (8, 32) for x in (0.2, 0.5, 0.8, 0.95)]
-    n_coeffs = [("fft", 64, None, n) for n in (256, 1024, 4096, 16384)]
-    assert got == lora + ratios + n_coeffs
+    spectral = []
+    for basis in ("fft", "coif"):
+        spectral += [(basis, r, x, None) for r in (8, 32) for x in (0.2, 0.5, 0.8, 0.95)]
+        spectral += [(basis, 64, None, n) for n in (256, 1024, 4096, 16384)]
+    assert got == lora + spectral
     assert len({m.label for m in methods}) == len(methods)
-    assert all(n <= 64 * HIDDEN_SIZE for *_, n in n_coeffs)  # fits the rank-64 factor
-    assert fmt == {"bases": "fft"}
+    assert all(n <= 64 * HIDDEN_SIZE for *_, n in spectral if n is not None)  # fits rank 64
+    assert fmt == {"bases": "fft, coif"}
 
 
 def test_lr_selection_picks_the_best_mean_validation_score(finetune: ModuleType) -> None:
@@ -219,7 +221,8 @@ def test_resume_skips_the_runs_already_done(
     common = ["--seeds", "0", "1", "--lr-grid", "1e-3", "1e-2", "--out-dir", str(tmp_path)]
     table_a = ["--tables", "a", "--bases", "fft", *common]
     table_e = ["--tables", "e", "--frontier-lora-ranks", "4", "8", "--frontier-ranks", "8",
-               "--frontier-ratios", "0.5", "--frontier-n-coeffs", "64", *common]  # fmt: skip
+               "--frontier-ratios", "0.5", "--frontier-n-coeffs", "64", "--frontier-bases", "fft",
+               *common]  # fmt: skip
 
     assert finetune.main(table_a) == 0
     assert len(calls) == 2 * 2 * 2 and len(set(calls)) == len(calls)

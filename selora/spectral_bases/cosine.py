@@ -270,11 +270,11 @@ class CosineTransform(InverseTransform):
         if torch.compiler.is_compiling():
             # Dynamo does not trace a Function with a custom jvp; autograd's backward is exact too
             along = _long_axis_inverse(coefficients, plan[0], plan[1], plan[3], short)
+            matrix = _dense_plan.__wrapped__(short, dtype, coefficients.device)
         else:
             apply = _SparseLongAxis.apply
             along = apply(coefficients, *plan, short)  # type: ignore[no-untyped-call]
-        dense = _dense_plan.__wrapped__ if torch.compiler.is_compiling() else _dense_plan
-        matrix = dense(short, dtype, coefficients.device)
+            matrix = _dense_plan(short, dtype, coefficients.device)
         out: Tensor = matrix.T @ along if rows_long else along.mT @ matrix
         return out
 

@@ -47,7 +47,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from step import peak_memory
-from timing import interleaved_wall_cpu
+from timing import interleaved_wall_cpu, median_interval, paired_ratios
 
 import selora
 from selora.adapters.factor_batch import active_spectra, formed_factors
@@ -162,13 +162,13 @@ def make_step(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def forced_batching(step: Callable[[], None]) -> Callable[[], None]:
-    """``step`` with batched factor formation switched on for the CPU too."""
+def one_by_one(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with batched factor formation switched off on the CPU (each layer forms its own)."""
     from selora.adapters import factor_batch
 
     def run() -> None:
         devices = factor_batch.BATCHED_DEVICE_TYPES
-        factor_batch.BATCHED_DEVICE_TYPES = devices | {"cpu"}
+        factor_batch.BATCHED_DEVICE_TYPES = devices - {"cpu"}
         try:
             step()
         finally:
@@ -213,7 +213,7 @@ def measure_memory(
     """Bytes of each contender: the step's peak on top of what existed, and its resident state."""
     memory: dict[str, dict[str, int]] = {}
     for name, step in steps.items():
-        model = models[name.removesuffix(" batched")]
+        model = models[name.removesuffix(" 1by1")]
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         peak = peak_memory(step, torch.device("cpu"))
         memory[name] = {"step_peak": peak, "state": 12 * trainable}
@@ -234,17 +234,32 @@ def memory_report(memory: dict[str, dict[str, int]]) -> list[str]:
 
 
 def report(samples: dict[str, dict[str, list[float]]], reference: str | None) -> list[str]:
-    lines = [f"{'contender':<22}{'wall s':>8}{'ratio (min-max)':>22}{'cpu s':>8}{'ratio':>8}"]
+    """One line per contender: medians, ratios of medians, and the paired CPU ratio.
+
+    The paired ratio divides each repeat's CPU time by the reference's in the
+    same repeat (the two ran back to back), so a slow phase of the machine
+    cancels; its median comes with a distribution-free 95 % interval
+    (``timing.median_interval``). A goal holds beyond the noise when the
+    interval's upper end is under it.
+    """
+    lines = [
+        f"{'contender':<24}{'wall s':>8}{'ratio (min-max)':>22}{'cpu s':>8}{'ratio':>8}"
+        + ("   paired cpu ratio [95% CI]" if reference in samples else "")
+    ]
     ref = samples.get(reference or "")
     for name, sample in samples.items():
         wall, cpu = statistics.median(sample["wall"]), statistics.median(sample["cpu"])
         if ref is None:
-            lines.append(f"{name:<22}{wall:>8.3f}{'':>22}{cpu:>8.3f}")
+            lines.append(f"{name:<24}{wall:>8.3f}{'':>22}{cpu:>8.3f}")
             continue
         ref_wall, ref_cpu = statistics.median(ref["wall"]), statistics.median(ref["cpu"])
         low, high = min(sample["wall"]) / ref_wall, max(sample["wall"]) / ref_wall
         spread = f"{wall / ref_wall:.3f} ({low:.2f}-{high:.2f})"
-        lines.append(f"{name:<22}{wall:>8.3f}{spread:>22}{cpu:>8.3f}{cpu / ref_cpu:>8.3f}")
+        mid, lo, hi = median_interval(paired_ratios(sample["cpu"], ref["cpu"]))
+        lines.append(
+            f"{name:<24}{wall:>8.3f}{spread:>22}{cpu:>8.3f}{cpu / ref_cpu:>8.3f}"
+            f"   {mid:.3f} [{lo:.3f}, {hi:.3f}]"
+        )
     return lines
 
 
@@ -258,9 +273,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-formation", action="store_true")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     parser.add_argument(
-        "--cpu-batched",
+        "--one-by-one",
         action="store_true",
-        help="also time each spectral contender's step with batched formation forced on the CPU",
+        help="also time each spectral contender's step with batched formation off on the CPU",
     )
     parser.add_argument("--cache", type=Path, default=Path("/tmp/selora_smollm2_f32"))
     parser.add_argument("--json", type=Path, default=None)
@@ -281,9 +296,9 @@ def main(argv: list[str] | None = None) -> None:
     for seq in args.seq:
         ids = torch.randint(0, 49152, (args.batch, seq), generator=torch.Generator().manual_seed(1))
         steps = {name: make_step(model, ids) for name, model in models.items()}
-        if args.cpu_batched:
+        if args.one_by_one:
             steps |= {
-                f"{name} batched": forced_batching(steps[name])
+                f"{name} 1by1": one_by_one(steps[name])
                 for name, model in models.items()
                 if active_spectra(model)
             }

@@ -7,6 +7,7 @@ so that a slow phase of a noisy machine hits all of them alike.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import statistics
 import time
@@ -75,3 +76,33 @@ def write_results(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**payload, **machine}, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+def paired_ratios(values: list[float], reference: list[float]) -> list[float]:
+    """Per-repeat ratios ``values[i] / reference[i]`` of two runs timed in the same repeats."""
+    if len(values) != len(reference):
+        raise ValueError(f"{len(values)} samples against {len(reference)} reference samples")
+    return [v / r for v, r in zip(values, reference, strict=True)]
+
+
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    r"""The median of ``values`` and a distribution-free confidence interval for it.
+
+    The interval is :math:`[x_{(j)}, x_{(n+1-j)}]` over the sorted sample, with
+    :math:`j` the largest index for which the binomial tail
+    :math:`P(\mathrm{Bin}(n, 1/2) < j) \le (1 - \text{level}) / 2`: the true median
+    lies below :math:`x_{(j)}` only if fewer than :math:`j` samples fall under it.
+    It needs no assumption on the noise's shape, which on a shared machine is
+    anything but normal. With fewer than 6 samples (no such :math:`j` at 95 %)
+    it is the sample's range.
+    """
+    ordered = sorted(values)
+    n = len(ordered)
+    tail, j, cumulative = (1.0 - level) / 2.0, 0, 0.0
+    while j < n // 2:
+        cumulative += math.comb(n, j) / 2.0**n  # P(Bin = j); then P(Bin < j + 1)
+        if cumulative > tail:
+            break
+        j += 1
+    low, high = (ordered[j - 1], ordered[n - j]) if j else (ordered[0], ordered[-1])
+    return statistics.median(ordered), low, high

@@ -37,21 +37,23 @@ from selora.spectral_bases import SparseSpectrum
 
 __all__ = [
     "BATCHED_DEVICE_TYPES",
+    "CPU_CHUNK_BYTES",
     "active_spectra",
     "formed_factors",
     "prebuilt",
     "spectra_to_batch",
 ]
 
-BATCHED_DEVICE_TYPES: set[str] = {"cuda", "xpu", "mps"}
+BATCHED_DEVICE_TYPES: set[str] = {"cpu", "cuda", "xpu", "mps"}
 """Device types whose factors a training call forms batched.
 
-Not the CPU: there a step's transforms cost their arithmetic, not per-call
-overhead. Forming SmolLM2-135M's 300 factors alone, forward and backward, one
-thread, batched against one by one: fft 53 against 65 ms, haar 64 against 68,
-dct 104 against 79 (its batched FFTs are slower); in a whole training step
-the difference changed sign between runs (``docs/benchmarks.md``). On an
-accelerator each call is a kernel launch, which the batching saves.
+On an accelerator each call is a kernel launch, which the batching saves. On
+the CPU it saves per-call overhead, provided each batch fits the cache
+(:data:`CPU_CHUNK_BYTES`): forming SmolLM2-135M's 300 factors, forward and
+backward, one thread, batched against one by one took fft 52 against 71 ms,
+haar 64/74, dct 80/89, db4 70/81 and coif 67/78, and a whole training step at
+seq 32 went from 1.048 to 1.012 of PEFT LoRA's CPU time with fft
+(``docs/benchmarks.md``). Remove a type to form its factors one at a time.
 """
 
 _FORMED: contextvars.ContextVar[dict[int, Tensor] | None] = contextvars.ContextVar(
@@ -101,6 +103,25 @@ def _form(spectra: list[SparseSpectrum]) -> list[Tensor]:
     return list(out.unbind(0))
 
 
+CPU_CHUNK_BYTES = 1 << 20
+"""The most bytes of factors one batched transform forms on the CPU.
+
+A batch larger than the cache runs slower per matrix than one at a time: on
+one thread, the inverse FFT of 120 stacked 32 x 576 spectra (8.4 MiB) took 62 us
+per matrix, 40 one by one, and 34-35 in batches of 4 to 16 (0.3-1.1 MiB).
+Accelerators take each group whole, which saves kernel launches.
+"""
+
+
+def _chunks(members: list[SparseSpectrum]) -> list[list[SparseSpectrum]]:
+    first = members[0]
+    if first.coefficients.device.type != "cpu":
+        return [members]
+    m, n = first.shape
+    size = max(1, CPU_CHUNK_BYTES // (m * n * first.coefficients.element_size()))
+    return [members[i : i + size] for i in range(0, len(members), size)]
+
+
 def _eligible(spectrum: SparseSpectrum) -> bool:
     coefficients = spectrum.coefficients
     indices = spectrum.indices
@@ -132,8 +153,9 @@ def formed_factors(spectra: Iterable[SparseSpectrum]) -> Iterator[None]:
             groups.setdefault(_group_key(spectrum), []).append(spectrum)
     formed: dict[int, Tensor] = {}
     for members in groups.values():
-        if len(members) > 1:
-            formed.update(zip((id(s) for s in members), _form(members), strict=True))
+        for chunk in _chunks(members):
+            if len(chunk) > 1:
+                formed.update(zip((id(s) for s in chunk), _form(chunk), strict=True))
     token = _FORMED.set(formed or None)
     try:
         yield

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from selora._tensor_cache import LocationCache, tensor_cache
+from selora.spectral_bases._gather import select_last
 from selora.spectral_bases.registry import InverseTransform, register_basis
 
 __all__ = ["CosineTransform"]
@@ -140,7 +141,7 @@ def _long_axis_inverse(
     half = coefficients.new_zeros(*batch, short * (size // 2 + 1) * 2)
     half = half.index_add(-1, positions, values).view(*batch, short, size // 2 + 1, 2)
     signal = torch.fft.irfft(torch.view_as_complex(half), n=size, norm="forward")
-    ordered: Tensor = signal.index_select(-1, order)
+    ordered: Tensor = select_last(signal, order)
     return ordered
 
 
@@ -191,8 +192,8 @@ class _SparseLongAxis(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         positions, adjoint_weights, unorder = ctx.saved_tensors
         batch = grad.shape[:-2]
-        spectrum = torch.fft.rfft(grad.index_select(-1, unorder))
-        parts = torch.view_as_real(spectrum).reshape(*batch, -1).index_select(-1, positions)
+        spectrum = torch.fft.rfft(select_last(grad, unorder))
+        parts = select_last(torch.view_as_real(spectrum).reshape(*batch, -1), positions)
         parts = (parts * adjoint_weights).view(*batch, -1, 2)
         # two strided halves, not sum(-1): a reduction over a length-2 axis is slow on the CPU
         return parts[..., 0] + parts[..., 1], None, None, None, None, None, None

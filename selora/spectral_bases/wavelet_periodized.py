@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from selora._tensor_cache import LocationCache, tensor_cache
+from selora.spectral_bases._gather import select_last
 
 __all__ = ["polyphase_taps", "synthesize_sparse"]
 
@@ -228,7 +229,7 @@ def _synthesize(spectrum: Tensor, plan: _Plan) -> Tensor:
     periodized analysis), with forward mode, vmap and torch.compile for free.
     """
     m, n = spectrum.shape[-2:]
-    return _synthesize_windows(spectrum.flatten(-2).index_select(-1, plan.gather), plan, m, n)
+    return _synthesize_windows(select_last(spectrum.flatten(-2), plan.gather), plan, m, n)
 
 
 def _synthesize_windows(windows: Tensor, plan: _Plan, m: int, n: int) -> Tensor:
@@ -279,4 +280,4 @@ def synthesize_sparse(
     # the gather follows from (wavelet, m, n) alone: _plan's layout does not depend on the dtype
     composed = _composed.get(indices, (indices.device, poly, m, n), build)
     extended = torch.cat([coefficients, coefficients.new_zeros(*batch, 1)], dim=-1)
-    return _synthesize_windows(extended.index_select(-1, composed), plan, m, n)
+    return _synthesize_windows(select_last(extended, composed), plan, m, n)

@@ -10,12 +10,6 @@ import selora
 from selora.adapters import factor_batch, model_hooks
 
 
-@pytest.fixture(autouse=True)
-def _batch_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Off by default on the CPU (slower there); the mechanism is device-independent."""
-    monkeypatch.setattr(factor_batch, "BATCHED_DEVICE_TYPES", {"cpu"})
-
-
 def _model(basis: str | None, base: str) -> torch.nn.Module:
     torch.manual_seed(0)
     model = kit.tiny_llama()
@@ -97,7 +91,49 @@ def test_the_peft_door_batches_too(monkeypatch: pytest.MonkeyPatch) -> None:
         torch.testing.assert_close(grad, single_grads[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_the_cpu_is_not_batched_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_training_call_on_the_cpu_batches_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model("fft", "lora")
+    calls: list[int] = []
+    form = factor_batch._form
+    monkeypatch.setattr(factor_batch, "_form", lambda s: calls.append(len(s)) or form(s))
+    _step(model)
+    assert calls and max(calls) > 1
+
+
+@pytest.mark.parametrize("basis", ["fft", "dct", "db4"])
+def test_cpu_groups_are_cut_into_chunks_that_fit_the_cache(
+    monkeypatch: pytest.MonkeyPatch, basis: str
+) -> None:
+    model = _model(basis, "lora")
+    reference, reference_grads = _step(model)
+    spectra = factor_batch.active_spectra(model)
+    groups: dict[tuple[object, ...], list[int]] = {}
+    for spectrum in spectra:
+        groups.setdefault(factor_batch._group_key(spectrum), []).append(
+            spectrum.shape[0] * spectrum.shape[1] * 4  # float32 bytes of one matrix
+        )
+    budget = 2 * max(max(sizes) for sizes in groups.values())
+    monkeypatch.setattr(factor_batch, "CPU_CHUNK_BYTES", budget)
+    calls: list[int] = []
+    form = factor_batch._form
+    monkeypatch.setattr(factor_batch, "_form", lambda s: calls.append(len(s)) or form(s))
+    chunked, chunked_grads = _step(model)
+    # a group of g matrices of b bytes: chunks of budget // b, the last one shorter;
+    # chunks of one are left to the layer
+    expected = []
+    for sizes in groups.values():
+        per_chunk = budget // sizes[0]
+        expected += [min(per_chunk, len(sizes) - i) for i in range(0, len(sizes), per_chunk)]
+    assert sorted(calls) == sorted(c for c in expected if c > 1), (calls, expected)
+    assert max(calls) < max(len(sizes) for sizes in groups.values())  # some group was cut
+    torch.testing.assert_close(chunked, reference, rtol=1e-6, atol=1e-6)
+    for name, grad in chunked_grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_device_type_left_out_forms_its_factors_one_by_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(factor_batch, "BATCHED_DEVICE_TYPES", {"cuda"})
     model = _model("fft", "lora")
     calls: list[int] = []

@@ -249,3 +249,34 @@ def test_low_precision_coefficients_take_the_default(name: str) -> None:
     expected = InverseTransform.synthesize(basis, low, flat, (8, 384))
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     assert accepts(basis, 8, 384)
+
+
+@FAST
+@given(
+    lead=st.lists(st.integers(1, 4), min_size=0, max_size=3),
+    length=st.integers(1, 30),
+    picks=st.integers(0, 40),
+    transposed=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_select_last_is_index_select_on_the_last_dim(
+    lead: list[int], length: int, picks: int, transposed: bool, seed: int
+) -> None:
+    from selora.spectral_bases._gather import select_last
+
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(*lead, length, dtype=torch.float64, generator=gen, requires_grad=True)
+    source = values.mT if transposed and values.dim() >= 2 else values  # a strided input too
+    index = torch.randint(0, source.shape[-1], (picks,), generator=gen)
+    out = select_last(source, index)
+    expected = np.take(source.detach().numpy(), index.numpy(), axis=-1)
+    assert out.shape == expected.shape
+    np.testing.assert_array_equal(out.detach().numpy(), expected)
+    weights = torch.randn(out.shape, dtype=torch.float64, generator=gen)
+    (grad,) = torch.autograd.grad((out * weights).sum(), values)
+    # the adjoint of a gather adds each output's weight back at its source (numpy oracle)
+    adjoint = np.zeros(source.shape)
+    np.add.at(np.moveaxis(adjoint, -1, 0), index.numpy(), np.moveaxis(weights.numpy(), -1, 0))
+    if source is not values:
+        adjoint = np.swapaxes(adjoint, -1, -2)
+    np.testing.assert_allclose(grad.numpy(), adjoint, rtol=0, atol=1e-12)

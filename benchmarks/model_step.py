@@ -56,6 +56,31 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 R, ALPHA, RATIO = 32, 64, 0.6
 
 
+def random_model() -> nn.Module:
+    """SmolLM2-135M's architecture with random weights, for a machine the GGUF file cannot reach.
+
+    A step's time does not depend on the weights' values. The numbers are the
+    model's own configuration (transformers' ``LlamaConfig``).
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
 def load_model(cache: Path) -> nn.Module:
     """SmolLM2-135M-Instruct in float32, from the cache or from the package's GGUF file.
 
@@ -153,11 +178,14 @@ def contenders(base: nn.Module, only: list[str] | None) -> dict[str, nn.Module]:
 def make_step(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
+    cuda = ids.device.type == "cuda"
 
     def step() -> None:
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()  # the wall clock then holds the kernels' time
 
     return step
 
@@ -181,7 +209,8 @@ def make_formation(model: nn.Module, batched: bool) -> Callable[[], None] | None
     spectra = active_spectra(model)
     if not spectra:
         return None
-    weights = [torch.randn(s.shape) for s in spectra]
+    device = spectra[0].coefficients.device
+    weights = [torch.randn(s.shape, device=device) for s in spectra]
 
     def run() -> None:
         if batched:
@@ -203,6 +232,8 @@ def make_formation(model: nn.Module, batched: bool) -> Callable[[], None] | None
         total.backward()
         for s in spectra:
             s.coefficients.grad = None
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     return run
 
@@ -215,7 +246,7 @@ def measure_memory(
     for name, step in steps.items():
         model = models[name.removesuffix(" 1by1")]
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        peak = peak_memory(step, torch.device("cpu"))
+        peak = peak_memory(step, next(model.parameters()).device)
         memory[name] = {"step_peak": peak, "state": 12 * trainable}
     return memory
 
@@ -233,18 +264,21 @@ def memory_report(memory: dict[str, dict[str, int]]) -> list[str]:
     return lines
 
 
-def report(samples: dict[str, dict[str, list[float]]], reference: str | None) -> list[str]:
+def report(
+    samples: dict[str, dict[str, list[float]]], reference: str | None, clock: str = "cpu"
+) -> list[str]:
     """One line per contender: medians, ratios of medians, and the paired CPU ratio.
 
     The paired ratio divides each repeat's CPU time by the reference's in the
     same repeat (the two ran back to back), so a slow phase of the machine
     cancels; its median comes with a distribution-free 95 % interval
     (``timing.median_interval``). A goal holds beyond the noise when the
-    interval's upper end is under it.
+    interval's upper end is under it. On a GPU the ``clock`` is the wall time
+    (the step ends with a synchronize): process CPU time would miss the kernels.
     """
     lines = [
         f"{'contender':<24}{'wall s':>8}{'ratio (min-max)':>22}{'cpu s':>8}{'ratio':>8}"
-        + ("   paired cpu ratio [95% CI]" if reference in samples else "")
+        + (f"   paired {clock} ratio [95% CI]" if reference in samples else "")
     ]
     ref = samples.get(reference or "")
     for name, sample in samples.items():
@@ -255,11 +289,24 @@ def report(samples: dict[str, dict[str, list[float]]], reference: str | None) ->
         ref_wall, ref_cpu = statistics.median(ref["wall"]), statistics.median(ref["cpu"])
         low, high = min(sample["wall"]) / ref_wall, max(sample["wall"]) / ref_wall
         spread = f"{wall / ref_wall:.3f} ({low:.2f}-{high:.2f})"
-        mid, lo, hi = median_interval(paired_ratios(sample["cpu"], ref["cpu"]))
+        mid, lo, hi = median_interval(paired_ratios(sample[clock], ref[clock]))
         lines.append(
             f"{name:<24}{wall:>8.3f}{spread:>22}{cpu:>8.3f}{cpu / ref_cpu:>8.3f}"
             f"   {mid:.3f} [{lo:.3f}, {hi:.3f}]"
         )
+    return lines
+
+
+def variant_report(samples: dict[str, dict[str, list[float]]], clock: str = "cpu") -> list[str]:
+    """Paired CPU ratios: ``selora:dora/*`` to ``peft:DoRA``, ``selora:hira/*`` to ``peft:HiRA``."""
+    lines = []
+    for name, sample in samples.items():
+        variant = name.removeprefix("selora:").split("/")[0]
+        reference = {"dora": "peft:DoRA", "hira": "peft:HiRA"}.get(variant)
+        if reference is None or reference not in samples:
+            continue
+        mid, lo, hi = median_interval(paired_ratios(sample[clock], samples[reference][clock]))
+        lines.append(f"  {name:<22} / {reference:<10} {mid:.3f} [{lo:.3f}, {hi:.3f}]")
     return lines
 
 
@@ -278,23 +325,34 @@ def main(argv: list[str] | None = None) -> None:
         help="also time each spectral contender's step with batched formation off on the CPU",
     )
     parser.add_argument("--cache", type=Path, default=Path("/tmp/selora_smollm2_f32"))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="SmolLM2's architecture with random weights (no GGUF file needed)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    base = load_model(args.cache)
+    base = random_model() if args.random_weights else load_model(args.cache)
+    base = base.to(device=args.device, dtype=getattr(torch, args.dtype))
     base.requires_grad_(False)
     models = contenders(base, args.only)
     results: dict[str, object] = {}
     header = (
-        f"SmolLM2-135M-Instruct (float32, 30 layers; q,k,v,up,down; r={R}, alpha={ALPHA}, "
+        f"SmolLM2-135M-Instruct ({args.dtype} on {args.device}"
+        f"{', random weights' if args.random_weights else ''}, 30 layers; q,k,v,up,down; "
+        f"r={R}, alpha={ALPHA}, "
         f"sparse_ratio={RATIO}), batch {args.batch}, AdamW, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}; median (min-max) of {args.repeats} interleaved repeats"
     )
     print(header)
     for seq in args.seq:
-        ids = torch.randint(0, 49152, (args.batch, seq), generator=torch.Generator().manual_seed(1))
+        generator = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, 49152, (args.batch, seq), generator=generator).to(args.device)
         steps = {name: make_step(model, ids) for name, model in models.items()}
         if args.one_by_one:
             steps |= {
@@ -305,7 +363,12 @@ def main(argv: list[str] | None = None) -> None:
         samples = interleaved_wall_cpu(steps, args.repeats)
         reference = "peft:LoRA" if "peft:LoRA" in samples else None
         print(f"\nseq {seq}: train step, ratio to PEFT LoRA")
-        print("\n".join(report(samples, reference)))
+        clock = "wall" if torch.device(args.device).type == "cuda" else "cpu"
+        print("\n".join(report(samples, reference, clock)))
+        variants = variant_report(samples, clock)
+        if variants:
+            print(f"seq {seq}: selora's DoRA and HiRA against PEFT's own, paired {clock} ratio")
+            print("\n".join(variants))
         results[f"seq{seq}"] = samples
     if not args.no_memory:
         results["memory"] = memory = measure_memory(models, steps)

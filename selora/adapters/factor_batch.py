@@ -118,7 +118,8 @@ def _chunks(members: list[SparseSpectrum]) -> list[list[SparseSpectrum]]:
     if first.coefficients.device.type != "cpu":
         return [members]
     m, n = first.shape
-    size = max(1, CPU_CHUNK_BYTES // (m * n * first.coefficients.element_size()))
+    itemsize = max(first.coefficients.element_size(), 4)  # formed in float32 at least
+    size = max(1, CPU_CHUNK_BYTES // (m * n * itemsize))
     return [members[i : i + size] for i in range(0, len(members), size)]
 
 

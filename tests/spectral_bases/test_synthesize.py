@@ -108,9 +108,10 @@ def test_fft_and_dct_match_the_oracle_on_drawn_shapes(
     )
 
 
-@pytest.mark.parametrize("name", ["fft", "dct", "haar", "db4"])
-@pytest.mark.parametrize("shape", [(4, 10), (10, 4), (6, 6), (2, 8)])
+@pytest.mark.parametrize("name", ["fft", "dct", "haar", "db4", "coif"])
+@pytest.mark.parametrize("shape", [(4, 10), (10, 4), (6, 6), (2, 8), (2, 136), (136, 2)])
 def test_gradcheck_in_float64(name: str, shape: tuple[int, int]) -> None:
+    """(2, 136) and (136, 2): a wavelet's long axis goes blockwise, through overlapping windows."""
     shape = fit_shape(name, shape)
     m, n = shape
     flat, coeffs = draw(shape, max(1, (m * n) // 2), batch=(2,))

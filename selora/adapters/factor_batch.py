@@ -13,7 +13,8 @@ into one ``(G, m, n)`` batch of spectra and call the basis once,
 because :math:`T` acts on the last two dimensions. One scatter and one
 transform per group replace :math:`G` of each, forward and backward, which is
 what a step spends on the CPU (per-call overhead) and on a GPU (kernel
-launches). Autograd flows back to each :math:`s_j` through the stack.
+launches). Autograd flows back to each :math:`s_j` through the stack. On the
+CPU a group is cut into batches that fit the cache (:data:`CPU_CHUNK_BYTES`).
 
 :func:`formed_factors` is entered once per call of the model, in training with
 gradients (an eval forward uses the per-unit cache instead); the factors it
@@ -50,8 +51,8 @@ BATCHED_DEVICE_TYPES: set[str] = {"cpu", "cuda", "xpu", "mps"}
 On an accelerator each call is a kernel launch, which the batching saves. On
 the CPU it saves per-call overhead, provided each batch fits the cache
 (:data:`CPU_CHUNK_BYTES`): forming SmolLM2-135M's 300 factors, forward and
-backward, one thread, batched against one by one took fft 52 against 71 ms,
-haar 64/74, dct 80/89, db4 70/81 and coif 67/78, and a whole training step at
+backward, one thread, batched against one by one took fft 56 against 71 ms,
+haar 58/72, dct 69/91, db4 63/80 and coif 61/77, and a whole training step at
 seq 32 went from 1.048 to 1.012 of PEFT LoRA's CPU time with fft
 (``docs/benchmarks.md``). Remove a type to form its factors one at a time.
 """
@@ -168,8 +169,8 @@ def spectra_to_batch(model: nn.Module) -> list[SparseSpectrum]:
     """The factors a training call of ``model`` forms batched (:func:`active_spectra`).
 
     None, without walking the model, when its parameters sit on a device type
-    that is not batched (the CPU): that walk would run at every training step
-    only to have every factor refused.
+    left out of :data:`BATCHED_DEVICE_TYPES`: that walk would run at every
+    training step only to have every factor refused.
 
     Args:
         model: an adapted model.

@@ -284,10 +284,13 @@ def _occurrences(composed: Tensor, k: int) -> Tensor:
     return out
 
 
+def _with_zero(values: Tensor) -> Tensor:
+    """``values`` with one zero appended to the last dim (what an out-of-range index reads)."""
+    return torch.cat([values, values.new_zeros(*values.shape[:-1], 1)], dim=-1)
+
+
 def _gather_windows(coefficients: Tensor, composed: Tensor) -> Tensor:
-    batch = coefficients.shape[:-1]
-    extended = torch.cat([coefficients, coefficients.new_zeros(*batch, 1)], dim=-1)
-    return select_last(extended, composed)
+    return select_last(_with_zero(coefficients), composed)
 
 
 class _WindowGather(torch.autograd.Function):
@@ -315,8 +318,7 @@ class _WindowGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         (occurrences,) = ctx.saved_tensors
-        batch = grad.shape[:-1]
-        extended = torch.cat([grad, grad.new_zeros(*batch, 1)], dim=-1)
+        extended = _with_zero(grad)
         total = select_last(extended, occurrences[0])
         for row in occurrences[1:]:
             total = total + select_last(extended, row)

@@ -39,6 +39,7 @@ from ptwt.matmul_transform import construct_boundary_s
 from torch import Tensor
 
 from selora._tensor_cache import tensor_cache
+from selora.spectral_bases._gather import select_last
 
 __all__ = ["DENSE_MAX", "boundary_matrix", "synthesize_boundary"]
 
@@ -224,7 +225,7 @@ def _apply_columns(op: _AxisOperator, x: Tensor) -> Tensor:
     assert op.edges is not None and op.edge_matrices is not None
     *batch, m, _ = x.shape
     width = op.interior.shape[1]
-    windows = x.index_select(-1, op.gather).reshape(*batch, m, -1, width)
+    windows = select_last(x, op.gather).reshape(*batch, m, -1, width)
     out = windows @ op.interior.mT  # (..., m, blocks, 2b)
     if op.edges.numel():
         own = windows.index_select(-2, op.edges).unsqueeze(-2) @ op.edge_matrices.mT

@@ -270,7 +270,7 @@ def memory_report(memory: dict[str, dict[str, int]]) -> list[str]:
 def report(
     samples: dict[str, dict[str, list[float]]], reference: str | None, clock: str = "cpu"
 ) -> list[str]:
-    """One line per contender: medians, ratios of medians, and the paired CPU ratio.
+    """One line per contender: medians, ratios of medians, and the paired ratio.
 
     The paired ratio divides each repeat's CPU time by the reference's in the
     same repeat (the two ran back to back), so a slow phase of the machine
@@ -301,7 +301,7 @@ def report(
 
 
 def variant_report(samples: dict[str, dict[str, list[float]]], clock: str = "cpu") -> list[str]:
-    """Paired CPU ratios: ``selora:dora/*`` to ``peft:DoRA``, ``selora:hira/*`` to ``peft:HiRA``."""
+    """Paired ratios: ``selora:dora/*`` to ``peft:DoRA``, ``selora:hira/*`` to ``peft:HiRA``."""
     lines = []
     for name, sample in samples.items():
         variant = name.removeprefix("selora:").split("/")[0]
@@ -353,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
         f"torch {torch.__version__}; median (min-max) of {args.repeats} interleaved repeats"
     )
     print(header)
+    clock = "wall" if torch.device(args.device).type == "cuda" else "cpu"
     for seq in args.seq:
         generator = torch.Generator().manual_seed(1)
         ids = torch.randint(0, 49152, (args.batch, seq), generator=generator).to(args.device)
@@ -366,7 +367,6 @@ def main(argv: list[str] | None = None) -> None:
         samples = interleaved_wall_cpu(steps, args.repeats)
         reference = "peft:LoRA" if "peft:LoRA" in samples else None
         print(f"\nseq {seq}: train step, ratio to PEFT LoRA")
-        clock = "wall" if torch.device(args.device).type == "cuda" else "cpu"
         print("\n".join(report(samples, reference, clock)))
         variants = variant_report(samples, clock)
         if variants:

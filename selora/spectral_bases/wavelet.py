@@ -10,6 +10,7 @@ and several levels chain either (:mod:`~selora.spectral_bases.wavelet_levels`).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, Literal
 
 import pywt
@@ -18,19 +19,24 @@ from torch import Tensor
 
 from selora._tensor_cache import tensor_cache
 from selora.spectral_bases.registry import InverseTransform, add_fallback, register_basis
-from selora.spectral_bases.wavelet_boundary import synthesize_boundary
+from selora.spectral_bases.wavelet_boundary import (
+    boundary_plan,
+    finish_boundary,
+    synthesize_boundary,
+)
 from selora.spectral_bases.wavelet_levels import (
     level_classes,
     level_corners,
     shape_problem,
     synthesize_levels,
+    synthesize_levels_sparse,
 )
 from selora.spectral_bases.wavelet_periodized import (
     _plan,
     _Polyphase,
     _synthesize,
+    _synthesize_windows,
     polyphase_taps,
-    synthesize_sparse,
 )
 
 __all__ = [
@@ -246,10 +252,14 @@ class WaveletTransform(InverseTransform):
     def synthesize(self, coefficients: Tensor, indices: Tensor, shape: tuple[int, int]) -> Tensor:
         r"""Return the inverse DWT of :math:`\operatorname{scatter}(s, \Omega)`.
 
-        See :meth:`InverseTransform.synthesize`. One periodized level gathers
-        its band windows straight from the coefficients (the scatter composed
-        with the synthesis' gather), so the dense spectrum is never built;
-        boundary wavelets and several levels use the default.
+        See :meth:`InverseTransform.synthesize`. Every level's one gather,
+        which forms its first axis' band windows, reads the coefficients (and
+        the coarser level's result) straight away: the scatter and the block
+        layout are composed into it
+        (:func:`~selora.spectral_bases.wavelet_levels.synthesize_levels_sparse`),
+        so neither the dense spectrum nor any level's block is built. Periodized
+        and boundary wavelets alike; other dtypes than float32 and float64 use
+        the default.
 
         Args:
             coefficients: real tensor ``(..., k)``.
@@ -261,17 +271,32 @@ class WaveletTransform(InverseTransform):
             Real tensor ``(..., m, n)`` in the coefficients' dtype.
         """
         dtype = coefficients.dtype
-        if (
-            self.boundary == "orthogonal"
-            or self.levels != 1
-            or dtype not in (torch.float32, torch.float64)
-        ):
+        if dtype not in (torch.float32, torch.float64):
             return super().synthesize(coefficients, indices, shape)
         m, n = int(shape[0]), int(shape[1])
         self.check_shape(m, n)
+        device = coefficients.device
+        if self.boundary == "orthogonal":
+            wavelet = self.wavelet
+
+            def boundary_step(rows: int, cols: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+                plan = boundary_plan(wavelet, rows, cols, dtype, device)
+                return plan.gather, lambda windows: finish_boundary(windows, plan, rows, cols)
+
+            return synthesize_levels_sparse(
+                coefficients, indices, (m, n), self.levels, boundary_step, ("boundary", wavelet)
+            )
         build = _plan.__wrapped__ if torch.compiler.is_compiling() else _plan
-        plan = build(self._poly, m, n, dtype, coefficients.device)
-        return synthesize_sparse(coefficients, indices, self._poly, plan, m, n)
+        poly = self._poly
+
+        def periodized_step(rows: int, cols: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+            plan = build(poly, rows, cols, dtype, device)
+            return plan.gather, lambda windows: _synthesize_windows(windows, plan, rows, cols)
+
+        # the gathers follow from (wavelet, size) alone: _plan's layout does not depend on the dtype
+        return synthesize_levels_sparse(
+            coefficients, indices, (m, n), self.levels, periodized_step, ("periodized", poly)
+        )
 
     def __repr__(self) -> str:
         levels = f", levels={self.levels}" if self.levels != 1 else ""

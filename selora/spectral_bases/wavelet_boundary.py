@@ -41,7 +41,13 @@ from torch import Tensor
 from selora._tensor_cache import tensor_cache
 from selora.spectral_bases._gather import select_last
 
-__all__ = ["DENSE_MAX", "boundary_matrix", "synthesize_boundary"]
+__all__ = [
+    "DENSE_MAX",
+    "boundary_matrix",
+    "boundary_plan",
+    "finish_boundary",
+    "synthesize_boundary",
+]
 
 DENSE_MAX = 64
 """Axes of at most this many samples are applied by their dense ``(N, N)`` matrix."""
@@ -105,7 +111,10 @@ class _AxisOperator(NamedTuple):
     ``2 b``; block ``i`` reads a window of ``w`` positions of each band
     (``gather``) and multiplies it by ``interior``, the ``(2 b, 2 w)`` matrix
     all interior blocks share; the blocks near the ends (``edges``), whose
-    rows hold ptwt's boundary filters, use ``edge_matrices`` instead.
+    rows hold ptwt's boundary filters, use ``edge_matrices`` instead, applied
+    as the interior product plus ``edge_corrections`` (their differences from
+    ``interior``, taken in float64), so the edge blocks are added to, not
+    copied over.
     """
 
     length: int  # N
@@ -114,6 +123,7 @@ class _AxisOperator(NamedTuple):
     interior: Tensor | None  # (2 b, 2 w)
     edges: Tensor | None  # (e,) blocks with matrices of their own
     edge_matrices: Tensor | None  # (e, 2 b, 2 w)
+    edge_corrections: Tensor | None  # (e, 2 b, 2 w): edge_matrices - interior
 
 
 def _block_pairs(half: int) -> int:
@@ -169,7 +179,7 @@ def _axis_operator(
     cut = _blocks(matrix, length) if length > DENSE_MAX else None
     if cut is None:
         dense = matrix.to_dense().to(device=device, dtype=dtype)
-        return _AxisOperator(length, dense, None, None, None, None)
+        return _AxisOperator(length, dense, None, None, None, None, None)
     gather, matrices, _ = cut
     interior = matrices[matrices.shape[0] // 2]
     edges = [i for i, block in enumerate(matrices) if not torch.equal(block, interior)]
@@ -185,19 +195,66 @@ def _axis_operator(
         place(interior),
         index.to(device),
         place(matrices[index]),
+        place(matrices[index] - interior),
     )
 
 
-def _both_axes(
+class _BoundaryPlan(NamedTuple):
+    """Constants of one ``(m, n)`` boundary synthesis (see :func:`finish_boundary`)."""
+
+    gather: Tensor  # flat positions of F read into the first axis' windows (or into G)
+    rows_first: bool  # the rows are blockwise and the columns dense: windows along the rows
+    rows: _AxisOperator
+    columns: _AxisOperator
+
+
+@tensor_cache()
+def _boundary_plan(
     wavelet: str, m: int, n: int, dtype: torch.dtype, device: torch.device
-) -> tuple[_AxisOperator, _AxisOperator]:
-    return _axis_operator(wavelet, m, dtype, device), _axis_operator(wavelet, n, dtype, device)
+) -> _BoundaryPlan:
+    """Build the gather of :func:`finish_boundary`'s windows, with the quadrant swap in it."""
+    rows = _axis_operator(wavelet, m, dtype, device)
+    columns = _axis_operator(wavelet, n, dtype, device)
+    half_m, half_n = m // 2, n // 2
+    # F[(J, k), (I, c)] as (J, k, I, c); G = [[a, v], [h, d]] has
+    # G[(I, k), (J, c)] = F[(J, k), (I, c)]
+    swap = torch.arange(m * n).view(2, half_m, 2, half_n).permute(2, 1, 0, 3).reshape(m, n)
+    rows_first = rows.dense is None and columns.dense is not None
+    if rows_first:  # G^T's rows cut into windows along m
+        assert rows.gather is not None
+        gather = swap.T[:, rows.gather]
+    elif columns.dense is None:  # G's rows cut into windows along n
+        assert columns.gather is not None
+        gather = swap[:, columns.gather]
+    else:
+        gather = swap
+    return _BoundaryPlan(gather.flatten().to(device), rows_first, rows, columns)
 
 
 # ptwt builds sparse tensors, which Dynamo cannot trace: torch.compile breaks
 # the graph here and runs this (cached) lookup eagerly.
-_Lookup = Callable[[str, int, int, torch.dtype, torch.device], tuple[_AxisOperator, _AxisOperator]]
-_operators = cast(_Lookup, torch.compiler.disable(_both_axes))  # type: ignore[no-untyped-call]
+_Lookup = Callable[[str, int, int, torch.dtype, torch.device], _BoundaryPlan]
+boundary_plan = cast(_Lookup, torch.compiler.disable(_boundary_plan))  # type: ignore[no-untyped-call]
+"""``(wavelet, m, n, dtype, device) -> plan``, cached; what :func:`finish_boundary` takes."""
+
+
+def _apply_windows(op: _AxisOperator, windows: Tensor) -> Tensor:
+    r"""The blocks of :math:`S_N` applied to their band windows ``(..., R, blocks, 2 w)``.
+
+    Returns ``(..., R, N)``: row ``i`` is :math:`S_N` applied to the signal
+    whose windows are ``windows[..., i, :, :]``. All blocks go through the
+    interior matrix in one product; the few edge blocks then get their
+    corrections added in place, in one product batched over the edges
+    (``einsum``, so no matrix is copied per row as a broadcast ``matmul``
+    would, and nothing of the full size is copied forward or backward).
+    """
+    assert op.interior is not None and op.edges is not None and op.edge_corrections is not None
+    out = windows @ op.interior.mT  # (..., R, blocks, 2b); the product saves no output
+    if op.edges.numel():
+        edge = windows.index_select(-2, op.edges)
+        out.index_add_(-2, op.edges, torch.einsum("...ej,eij->...ei", edge, op.edge_corrections))
+    out = out.flatten(-2)
+    return out if out.shape[-1] == op.length else out[..., : op.length]
 
 
 def _apply_rows(op: _AxisOperator, x: Tensor) -> Tensor:
@@ -205,14 +262,13 @@ def _apply_rows(op: _AxisOperator, x: Tensor) -> Tensor:
     if op.dense is not None:
         return op.dense @ x
     assert op.gather is not None and op.interior is not None
-    assert op.edges is not None and op.edge_matrices is not None
+    assert op.edges is not None and op.edge_corrections is not None
     *batch, _, n = x.shape
     width = op.interior.shape[1]
     windows = x.index_select(-2, op.gather).reshape(*batch, -1, width, n)
     out = op.interior @ windows  # (..., blocks, 2b, n)
     if op.edges.numel():
-        own = op.edge_matrices @ windows.index_select(-3, op.edges)
-        out = out.index_copy(-3, op.edges, own)
+        out.index_add_(-3, op.edges, op.edge_corrections @ windows.index_select(-3, op.edges))
     out = out.reshape(*batch, -1, n)
     return out if out.shape[-2] == op.length else out[..., : op.length, :]
 
@@ -222,16 +278,44 @@ def _apply_columns(op: _AxisOperator, x: Tensor) -> Tensor:
     if op.dense is not None:
         return x @ op.dense.mT
     assert op.gather is not None and op.interior is not None
-    assert op.edges is not None and op.edge_matrices is not None
     *batch, m, _ = x.shape
-    width = op.interior.shape[1]
-    windows = select_last(x, op.gather).reshape(*batch, m, -1, width)
-    out = windows @ op.interior.mT  # (..., m, blocks, 2b)
-    if op.edges.numel():
-        own = windows.index_select(-2, op.edges).unsqueeze(-2) @ op.edge_matrices.mT
-        out = out.index_copy(-2, op.edges, own.squeeze(-2))
-    out = out.reshape(*batch, m, -1)
-    return out if out.shape[-1] == op.length else out[..., : op.length]
+    windows = select_last(x, op.gather).reshape(*batch, m, -1, op.interior.shape[1])
+    return _apply_windows(op, windows)
+
+
+def finish_boundary(windows: Tensor, plan: _BoundaryPlan, m: int, n: int) -> Tensor:
+    r""":math:`T(F) = S_m G S_n^\top` from ``F`` read at ``plan.gather`` (``(..., L)``).
+
+    The gather holds the quadrant swap and the first axis' band windows:
+    with the rows blockwise and the columns dense, the windows of
+    :math:`G^\top`'s rows, so :math:`(S_m G)^\top` comes out of one product
+    and :math:`S_n` is applied to its transpose; otherwise those of
+    :math:`G`'s rows (or :math:`G` itself when both axes are dense), then
+    :math:`S_m` from the left.
+
+    Args:
+        windows: ``F.flatten(-2)[..., plan.gather]``.
+        plan: :func:`boundary_plan` of ``(m, n)``.
+        m: rows.
+        n: columns.
+
+    Returns:
+        :math:`T(F)`, ``(..., m, n)``.
+    """
+    batch = windows.shape[:-1]
+    if plan.rows_first:
+        assert plan.rows.interior is not None and plan.columns.dense is not None
+        width = plan.rows.interior.shape[1]
+        part = _apply_windows(plan.rows, windows.view(*batch, n, -1, width))  # (S_m G)^T
+        out: Tensor = part.mT @ plan.columns.dense.mT
+        return out
+    if plan.columns.dense is None:
+        assert plan.columns.interior is not None
+        width = plan.columns.interior.shape[1]
+        part = _apply_windows(plan.columns, windows.view(*batch, m, -1, width))  # G S_n^T
+    else:
+        part = windows.view(*batch, m, n) @ plan.columns.dense.mT
+    return _apply_rows(plan.rows, part)
 
 
 def synthesize_boundary(spectrum: Tensor, wavelet: str) -> Tensor:
@@ -244,8 +328,9 @@ def synthesize_boundary(spectrum: Tensor, wavelet: str) -> Tensor:
     with ``h`` high-pass along the rows (axis 0), as PyWavelets' ``cH`` and as
     in the periodized basis. (ptwt's matrix transforms name the two mixed
     quadrants the other way round: their ``(h, v)`` is PyWavelets'
-    ``(v, h)``; the matrices are the same.) The quadrant swap is one copy:
-    ``G[(I, k), (J, c)] = F[(J, k), (I, c)]`` for the half indices ``I, J``.
+    ``(v, h)``; the matrices are the same.) The quadrant swap
+    ``G[(I, k), (J, c)] = F[(J, k), (I, c)]`` (half indices ``I, J``) is part
+    of the one gather that forms the first axis' windows (:func:`finish_boundary`).
 
     Args:
         spectrum: real tensor ``(..., m, n)``, ``m`` and ``n`` even and at
@@ -255,8 +340,6 @@ def synthesize_boundary(spectrum: Tensor, wavelet: str) -> Tensor:
     Returns:
         :math:`T(F)`, same shape and dtype.
     """
-    *batch, m, n = spectrum.shape
-    rows, columns = _operators(wavelet, m, n, spectrum.dtype, spectrum.device)
-    quadrants = spectrum.reshape(*batch, 2, m // 2, 2, n // 2)
-    swapped = quadrants.transpose(-4, -2).reshape(*batch, m, n)
-    return _apply_rows(rows, _apply_columns(columns, swapped))
+    m, n = spectrum.shape[-2:]
+    plan = boundary_plan(wavelet, m, n, spectrum.dtype, spectrum.device)
+    return finish_boundary(select_last(spectrum.flatten(-2), plan.gather), plan, m, n)

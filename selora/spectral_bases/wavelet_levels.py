@@ -25,12 +25,30 @@ Each quadrant is placed as in the one-level basis (``h``, PyWavelets'
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import torch
 from torch import Tensor
 
-__all__ = ["level_classes", "level_corners", "shape_problem", "synthesize_levels"]
+from selora._tensor_cache import LocationCache
+from selora.spectral_bases._gather import SourceGather, gather_plan, gather_with_zero
+
+__all__ = [
+    "LevelStep",
+    "level_classes",
+    "level_corners",
+    "shape_problem",
+    "synthesize_levels",
+    "synthesize_levels_sparse",
+]
+
+LevelStep = Callable[[int, int], tuple[Tensor, Callable[[Tensor], Tensor]]]
+"""``(m_j, n_j) -> (gather, finish)``: a one-level synthesis as a gather and the rest.
+
+:math:`T_1(F_j)` = ``finish(F_j.flatten(-2)[..., gather])`` for a block of
+``(m_j, n_j)``: the gather forms the first axis' band windows, ``finish``
+applies the axes' matrices.
+"""
 
 
 def shape_problem(m: int, n: int, levels: int, min_length: int = 1) -> str | None:
@@ -89,6 +107,74 @@ def synthesize_levels(
         top = torch.cat((out, spectrum[..., : rows // 2, cols // 2 : cols]), dim=-1)
         block = torch.cat((top, spectrum[..., rows // 2 : rows, :cols]), dim=-2)
         out = one_level(block)
+    return out
+
+
+_composed = LocationCache()
+
+
+def synthesize_levels_sparse(
+    coefficients: Tensor,
+    indices: Tensor,
+    shape: tuple[int, int],
+    levels: int,
+    step: LevelStep,
+    key: Hashable,
+) -> Tensor:
+    r""":func:`synthesize_levels` of :math:`\operatorname{scatter}(s, \Omega)`, blocks never built.
+
+    Each level's gather reads its block :math:`F_j` at fixed positions.
+    Composed with the scatter and with the block's layout, it reads a source
+    instead: the coarsest level reads :math:`[s, 0]`; level :math:`j < J`
+    reads :math:`[x_{j+1}, s, 0]` (the coarser level's synthesis flattened,
+    which fills the top-left quadrant, then the coefficients for the detail
+    quadrants; every inactive position reads the zero). So no dense spectrum,
+    no block and no concatenation of quadrants is formed, and the backward of
+    each gather is a few gathers (:func:`~selora.spectral_bases._gather.gather_plan`).
+    The composed positions are cached per location tensor (``key`` names
+    whatever else the blocks' layouts depend on: the wavelet, the boundary).
+
+    Args:
+        coefficients: real tensor ``(..., k)``.
+        indices: the ``k`` distinct flat positions of :math:`\Omega` in ``F``.
+        shape: ``(m, n)``, divisible by :math:`2^J`.
+        levels: :math:`J \ge 1`.
+        step: the one-level synthesis of each block size (:data:`LevelStep`).
+        key: hashable; equal keys must give equal gathers for equal sizes.
+
+    Returns:
+        :math:`T(F)`, ``(..., m, n)``.
+    """
+    m, n = shape
+    k = coefficients.shape[-1]
+    sizes = [(m >> level, n >> level) for level in range(levels - 1, -1, -1)]
+    steps = [step(rows, cols) for rows, cols in sizes]
+
+    def build() -> list[SourceGather]:
+        device = indices.device
+        inverse = torch.full((m * n,), k, dtype=torch.int64, device=device)
+        inverse[indices.reshape(-1).to(torch.int64)] = torch.arange(k, device=device)
+        plans = []
+        for level, ((size_m, size_n), (gather, _)) in enumerate(zip(sizes, steps, strict=True)):
+            rows, cols = gather.to(device) // size_n, gather.to(device) % size_n
+            source = inverse[rows * n + cols]  # the block is F's top-left corner
+            count = k
+            if level:  # below the coarsest: the top-left quadrant is x_{j+1}
+                half_m, half_n = size_m // 2, size_n // 2
+                inside = (rows < half_m) & (cols < half_n)
+                source = torch.where(inside, rows * half_n + cols, source + half_m * half_n)
+                count += half_m * half_n
+            plans.append(gather_plan(source, count))
+        return plans
+
+    plans = _composed.get(indices, (indices.device, key, m, n, levels), build)
+    out: Tensor | None = None
+    for (_, finish), plan in zip(steps, plans, strict=True):
+        if out is None:
+            out = finish(gather_with_zero(coefficients, plan))
+        else:
+            out = finish(gather_with_zero(out.flatten(-2), plan, tail=coefficients))
+    assert out is not None
     return out
 
 

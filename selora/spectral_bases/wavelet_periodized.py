@@ -15,18 +15,17 @@ The basis classes are in :mod:`selora.spectral_bases.wavelet`.
 from __future__ import annotations
 
 import dataclasses
-import inspect
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pywt
 import torch
 from torch import Tensor
 
-from selora._tensor_cache import LocationCache, tensor_cache
+from selora._tensor_cache import tensor_cache
 from selora.spectral_bases._gather import select_last
 
-__all__ = ["polyphase_taps", "synthesize_sparse"]
+__all__ = ["polyphase_taps"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,109 +254,3 @@ def _synthesize_windows(windows: Tensor, plan: _Plan, m: int, n: int) -> Tensor:
     if out.shape[-2] != m:
         out = out[..., :m, :].contiguous()
     return out
-
-
-_composed = LocationCache()
-
-
-def _occurrences(composed: Tensor, k: int) -> Tensor:
-    r"""``(c, k)``: for each coefficient, the window positions that read it, padded with ``L``.
-
-    ``composed`` (length :math:`L`) reads coefficient ``composed[p]`` at
-    window position ``p`` (``k`` is the zero slot). A coefficient is read at
-    most :math:`c` times (1 when the windows do not overlap, as for Haar; 2 at
-    a block's edge otherwise), so the adjoint of the gather, the sum of the
-    windows' gradients over those positions, is :math:`c` gathers from the
-    gradient extended by one zero at position :math:`L`.
-    """
-    length = composed.numel()
-    read = (composed < k).nonzero().flatten()
-    targets = composed[read]
-    order = torch.sort(targets, stable=True).indices
-    targets, read = targets[order], read[order]
-    counts = torch.bincount(targets, minlength=k)
-    first = torch.cumsum(counts, 0) - counts  # where each coefficient's run starts
-    rank = torch.arange(targets.numel(), device=composed.device) - first[targets]
-    rows = int(counts.max()) if k else 0
-    out = torch.full((max(rows, 1), k), length, dtype=torch.int64, device=composed.device)
-    out[rank, targets] = read
-    return out
-
-
-def _with_zero(values: Tensor) -> Tensor:
-    """``values`` with one zero appended to the last dim (what an out-of-range index reads)."""
-    return torch.cat([values, values.new_zeros(*values.shape[:-1], 1)], dim=-1)
-
-
-def _gather_windows(coefficients: Tensor, composed: Tensor) -> Tensor:
-    return select_last(_with_zero(coefficients), composed)
-
-
-class _WindowGather(torch.autograd.Function):
-    r"""``s -> [s, 0][composed]``, with its adjoint written as a few gathers.
-
-    autograd's adjoint of a gather is a scatter-add over all :math:`L`
-    window positions, which on the CPU cost more than the window products
-    themselves; here it is :math:`\bar s_i = \sum_j \bar w_{o_{ji}}` over
-    the at most :math:`c` positions :math:`o_{\cdot i}` that read
-    :math:`s_i` (:func:`_occurrences`).
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(coefficients: Tensor, composed: Tensor, occurrences: Tensor) -> Tensor:
-        return _gather_windows(coefficients, composed)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        _, composed, occurrences = inputs
-        ctx.save_for_backward(occurrences)
-        ctx.save_for_forward(composed)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        (occurrences,) = ctx.saved_tensors
-        extended = _with_zero(grad)
-        total = select_last(extended, occurrences[0])
-        for row in occurrences[1:]:
-            total = total + select_last(extended, row)
-        return total, None, None
-
-    @staticmethod
-    def jvp(ctx: Any, tangent: Tensor, *_: Any) -> Tensor:
-        (composed,) = ctx.saved_tensors
-        return _gather_windows(tangent, composed)
-
-
-# Function.apply binds its arguments to forward's signature at every call (see fourier.py)
-_WindowGather.forward.__signature__ = inspect.signature(_WindowGather.forward)  # type: ignore[attr-defined]
-
-
-def synthesize_sparse(
-    coefficients: Tensor, indices: Tensor, poly: _Polyphase, plan: _Plan, m: int, n: int
-) -> Tensor:
-    r""":func:`_synthesize` of :math:`\operatorname{scatter}(s, \Omega)`, windows read from ``s``.
-
-    The gather of :func:`_synthesize` reads the spectrum at ``plan.gather``;
-    composing it with the scatter reads :math:`s` (extended by one zero for the
-    inactive positions) instead, so the dense spectrum is never built, and the
-    backward adds the windows' gradients into the ``k`` coefficients by a few
-    gathers (:class:`_WindowGather`).
-    """
-    k = coefficients.shape[-1]
-
-    def build() -> tuple[Tensor, Tensor]:
-        inverse = torch.full((m * n,), k, dtype=torch.int64, device=indices.device)
-        inverse[indices.reshape(-1).to(torch.int64)] = torch.arange(k, device=indices.device)
-        composed = inverse[plan.gather.to(indices.device)]
-        return composed, _occurrences(composed, k)
-
-    # the gather follows from (wavelet, m, n) alone: _plan's layout does not depend on the dtype
-    composed, occurrences = _composed.get(indices, (indices.device, poly, m, n), build)
-    if torch.compiler.is_compiling():
-        # Dynamo does not trace a Function with a custom jvp; autograd's backward is exact too
-        windows = _gather_windows(coefficients, composed)
-    else:
-        windows = _WindowGather.apply(coefficients, composed, occurrences)  # type: ignore[no-untyped-call]
-    return _synthesize_windows(windows, plan, m, n)

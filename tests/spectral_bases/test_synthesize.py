@@ -26,12 +26,13 @@ from selora import SparseSpectrum
 from selora._tensor_cache import LocationCache
 from selora.spectral_bases import (
     InverseTransform,
+    WaveletTransform,
     cosine,
     fourier,
     get_basis,
     list_bases,
     register_basis,
-    wavelet_periodized,
+    wavelet_levels,
 )
 from selora.spectral_bases.registry import unregister_basis
 
@@ -108,7 +109,7 @@ def test_fft_and_dct_match_the_oracle_on_drawn_shapes(
     )
 
 
-@pytest.mark.parametrize("name", ["fft", "dct", "haar", "db4", "coif"])
+@pytest.mark.parametrize("name", ["fft", "dct", "haar", "db4", "coif", "db4-l2", "db2-boundary"])
 @pytest.mark.parametrize("shape", [(4, 10), (10, 4), (6, 6), (2, 8), (2, 136), (136, 2)])
 def test_gradcheck_in_float64(name: str, shape: tuple[int, int]) -> None:
     """(2, 136) and (136, 2): a wavelet's long axis goes blockwise, through overlapping windows."""
@@ -139,6 +140,46 @@ def test_every_basis_agrees_with_the_default(name: str, shape: tuple[int, int]) 
     torch.testing.assert_close(g_got, g_expected, rtol=0, atol=1e-12)
     one = basis.synthesize(coeffs[1].detach(), flat, shape)
     torch.testing.assert_close(one, got[1].detach(), rtol=0, atol=1e-12)
+
+
+# levels and boundaries beyond the registered ones; (136, 136) and (272, 16):
+# both axes or the first long at every level; (16, 272) the columns long
+LEVELLED = [
+    WaveletTransform("sym4", boundary="orthogonal", levels=2),
+    WaveletTransform("db2", boundary="orthogonal", levels=3),
+    WaveletTransform("bior2.2", levels=3),
+    WaveletTransform("coif1", levels=2),
+]
+
+
+@pytest.mark.parametrize("basis", LEVELLED, ids=repr)
+@pytest.mark.parametrize("shape", [(136, 136), (16, 272), (272, 16), (32, 32)])
+def test_levels_and_boundaries_agree_with_the_default(
+    basis: WaveletTransform, shape: tuple[int, int]
+) -> None:
+    """Every level's gather composed with the scatter and the coarser level's result."""
+    m, n = shape
+    flat, coeffs = draw(shape, (2 * m * n) // 5, batch=(2,), seed=m + n)
+    coeffs.requires_grad_(True)
+    got = basis.synthesize(coeffs, flat, shape)
+    expected = InverseTransform.synthesize(basis, coeffs, flat, shape)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    grad = torch.randn(2, m, n, dtype=torch.float64)
+    (g_got,) = torch.autograd.grad(got, coeffs, grad)
+    (g_expected,) = torch.autograd.grad(expected, coeffs, grad)
+    torch.testing.assert_close(g_got, g_expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("basis", [*LEVELLED[:2], WaveletTransform("db4", levels=2)], ids=repr)
+@pytest.mark.parametrize("shape", [(16, 72), (72, 16)])
+def test_levels_and_boundaries_pass_gradcheck(
+    basis: WaveletTransform, shape: tuple[int, int]
+) -> None:
+    """72 > 64: the long axis of the finest level goes blockwise, the coarser ones dense."""
+    flat, coeffs = draw(shape, (shape[0] * shape[1]) // 8, batch=(2,))
+    coeffs.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda s: basis.synthesize(s, flat, shape), (coeffs,))
+    assert torch.autograd.gradgradcheck(lambda s: basis.synthesize(s, flat, shape), (coeffs,))
 
 
 @pytest.mark.parametrize("name", ["fft", "dct", "coif"])
@@ -210,7 +251,7 @@ def test_every_location_cache_is_cleared_between_the_inference_mode_tests() -> N
     for module, attribute in [
         (fourier, "_plans"),
         (cosine, "_plans"),
-        (wavelet_periodized, "_composed"),
+        (wavelet_levels, "_composed"),
     ]:
         assert isinstance(getattr(module, attribute), LocationCache)
         assert f"{module.__name__}.{attribute}" in names

@@ -322,3 +322,44 @@ def test_select_last_is_index_select_on_the_last_dim(
     if source is not values:
         adjoint = np.swapaxes(adjoint, -1, -2)
     np.testing.assert_allclose(grad.numpy(), adjoint, rtol=0, atol=1e-12)
+
+
+@FAST
+@given(
+    lead=st.lists(st.integers(1, 3), min_size=0, max_size=2),
+    head=st.integers(1, 12),
+    tail=st.integers(0, 12),
+    places=st.integers(1, 40),
+    seed=st.integers(0, 2**16),
+)
+def test_gather_with_zero_and_its_adjoint(
+    lead: list[int], head: int, tail: int, places: int, seed: int
+) -> None:
+    """Entries read never, once or many times, the zero slot read too (numpy oracle)."""
+    from selora.spectral_bases._gather import gather_plan, gather_with_zero
+
+    gen = torch.Generator().manual_seed(seed)
+    count = head + tail
+    positions = torch.randint(0, count + 1, (places,), generator=gen)  # count: the zero
+    first = torch.randn(*lead, head, dtype=torch.float64, generator=gen, requires_grad=True)
+    second = torch.randn(*lead, tail, dtype=torch.float64, generator=gen, requires_grad=True)
+    plan = gather_plan(positions, count)
+    out = gather_with_zero(first, plan, tail=second if tail else None)
+    source = np.concatenate(
+        [first.detach().numpy(), second.detach().numpy(), np.zeros((*lead, 1))], axis=-1
+    )
+    np.testing.assert_array_equal(out.detach().numpy(), source[..., positions.numpy()])
+    weights = torch.randn(out.shape, dtype=torch.float64, generator=gen)
+    grads = torch.autograd.grad((out * weights).sum(), [first, second] if tail else [first])
+    adjoint = np.zeros(source.shape)
+    np.add.at(np.moveaxis(adjoint, -1, 0), positions.numpy(), np.moveaxis(weights.numpy(), -1, 0))
+    got = np.concatenate([g.numpy() for g in grads], axis=-1)
+    np.testing.assert_allclose(got, adjoint[..., :count], rtol=0, atol=1e-12)
+    if tail:  # forward mode: linear, a part without a tangent moves nothing
+        _, jvp = torch.func.jvp(
+            lambda h: gather_with_zero(h, plan, tail=second.detach()),
+            (first.detach(),),
+            (torch.ones_like(first),),
+        )
+        expected = (positions.numpy() < head).astype(float)  # ones where the head is read
+        np.testing.assert_array_equal(jvp.numpy(), np.broadcast_to(expected, jvp.shape))

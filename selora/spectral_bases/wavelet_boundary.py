@@ -22,9 +22,13 @@ output samples in blocks of about 32, each block reading a window of each
 band (one gather), all interior blocks multiplied by the one matrix they
 share (ptwt's interior rows are the plain strided filter, shifted by one
 coefficient per two samples) and the few edge blocks, which hold the
-boundary filters, by their own. No matrix grows with the layer. Building in
-float64 on the CPU and casting afterwards makes the matrices identical on
-every device (QR's signs are not).
+boundary filters, corrected by the difference of their own. No matrix grows
+with the layer. The one gather also swaps the mixed quadrants, and a
+factor's gather reads its coefficients directly
+(:func:`boundary_plan`, :func:`finish_boundary` and
+:func:`~selora.spectral_bases.wavelet_levels.synthesize_levels_sparse`).
+Building in float64 on the CPU and casting afterwards makes the matrices
+identical on every device (QR's signs are not).
 """
 
 from __future__ import annotations

@@ -130,7 +130,8 @@ def synthesize_levels_sparse(
     which fills the top-left quadrant, then the coefficients for the detail
     quadrants; every inactive position reads the zero). So no dense spectrum,
     no block and no concatenation of quadrants is formed, and the backward of
-    each gather is a few gathers (:func:`~selora.spectral_bases._gather.gather_plan`).
+    each gather is a gather plus an indexed add where windows overlap
+    (:func:`~selora.spectral_bases._gather.gather_plan`).
     The composed positions are cached per location tensor (``key`` names
     whatever else the blocks' layouts depend on: the wavelet, the boundary).
 

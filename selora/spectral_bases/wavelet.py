@@ -276,27 +276,26 @@ class WaveletTransform(InverseTransform):
         m, n = int(shape[0]), int(shape[1])
         self.check_shape(m, n)
         device = coefficients.device
+        step: Callable[[int, int], tuple[Tensor, Callable[[Tensor], Tensor]]]
         if self.boundary == "orthogonal":
             wavelet = self.wavelet
+            key: tuple[str, object] = ("boundary", wavelet)
 
-            def boundary_step(rows: int, cols: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+            def step(rows: int, cols: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
                 plan = boundary_plan(wavelet, rows, cols, dtype, device)
                 return plan.gather, lambda windows: finish_boundary(windows, plan, rows, cols)
 
-            return synthesize_levels_sparse(
-                coefficients, indices, (m, n), self.levels, boundary_step, ("boundary", wavelet)
-            )
-        build = _plan.__wrapped__ if torch.compiler.is_compiling() else _plan
-        poly = self._poly
+        else:
+            build = _plan.__wrapped__ if torch.compiler.is_compiling() else _plan
+            poly = self._poly
+            # the gathers follow from (wavelet, size) alone: _plan's layout is the same in any dtype
+            key = ("periodized", poly)
 
-        def periodized_step(rows: int, cols: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-            plan = build(poly, rows, cols, dtype, device)
-            return plan.gather, lambda windows: _synthesize_windows(windows, plan, rows, cols)
+            def step(rows: int, cols: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+                plan = build(poly, rows, cols, dtype, device)
+                return plan.gather, lambda windows: _synthesize_windows(windows, plan, rows, cols)
 
-        # the gathers follow from (wavelet, size) alone: _plan's layout does not depend on the dtype
-        return synthesize_levels_sparse(
-            coefficients, indices, (m, n), self.levels, periodized_step, ("periodized", poly)
-        )
+        return synthesize_levels_sparse(coefficients, indices, (m, n), self.levels, step, key)
 
     def __repr__(self) -> str:
         levels = f", levels={self.levels}" if self.levels != 1 else ""

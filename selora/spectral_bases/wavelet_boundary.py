@@ -115,8 +115,8 @@ class _AxisOperator(NamedTuple):
     ``2 b``; block ``i`` reads a window of ``w`` positions of each band
     (``gather``) and multiplies it by ``interior``, the ``(2 b, 2 w)`` matrix
     all interior blocks share; the blocks near the ends (``edges``), whose
-    rows hold ptwt's boundary filters, use ``edge_matrices`` instead, applied
-    as the interior product plus ``edge_corrections`` (their differences from
+    rows hold ptwt's boundary filters, have matrices of their own, applied as
+    the interior product plus ``edge_corrections`` (their differences from
     ``interior``, taken in float64), so the edge blocks are added to, not
     copied over.
     """
@@ -126,8 +126,7 @@ class _AxisOperator(NamedTuple):
     gather: Tensor | None  # (blocks * 2 w,) band positions read: low window, then high window
     interior: Tensor | None  # (2 b, 2 w)
     edges: Tensor | None  # (e,) blocks with matrices of their own
-    edge_matrices: Tensor | None  # (e, 2 b, 2 w)
-    edge_corrections: Tensor | None  # (e, 2 b, 2 w): edge_matrices - interior
+    edge_corrections: Tensor | None  # (e, 2 b, 2 w): each edge block's matrix - interior
 
 
 def _block_pairs(half: int) -> int:
@@ -183,7 +182,7 @@ def _axis_operator(
     cut = _blocks(matrix, length) if length > DENSE_MAX else None
     if cut is None:
         dense = matrix.to_dense().to(device=device, dtype=dtype)
-        return _AxisOperator(length, dense, None, None, None, None, None)
+        return _AxisOperator(length, dense, None, None, None, None)
     gather, matrices, _ = cut
     interior = matrices[matrices.shape[0] // 2]
     edges = [i for i, block in enumerate(matrices) if not torch.equal(block, interior)]
@@ -198,7 +197,6 @@ def _axis_operator(
         gather.flatten().to(device),
         place(interior),
         index.to(device),
-        place(matrices[index]),
         place(matrices[index] - interior),
     )
 

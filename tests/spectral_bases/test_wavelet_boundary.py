@@ -113,8 +113,8 @@ def test_blockwise_route_is_the_matrix(name: str, length: int) -> None:
     assert (dense - raw).abs().max() < 1e-13  # only ptwt's rounding noise was dropped
     op = wavelet_boundary._axis_operator(name, length, torch.float64, torch.device("cpu"))
     if op.dense is None:
-        assert op.interior is not None and op.edge_matrices is not None
-        assert op.interior.numel() <= 64 * 64 and op.edge_matrices.shape[0] <= 4
+        assert op.interior is not None and op.edge_corrections is not None
+        assert op.interior.numel() <= 64 * 64 and op.edge_corrections.shape[0] <= 4
     else:  # windows as wide as the band: sym8 and db10 on 66 samples stay dense
         assert length == 66 and pywt.Wavelet(name).dec_len >= 16
     x = random((2, length, 3), 0)
@@ -277,7 +277,7 @@ def test_matrices_are_built_once_per_length(monkeypatch: pytest.MonkeyPatch) -> 
         for dtype in (torch.float32, torch.float64):
             op = wavelet_boundary._axis_operator("sym4", 96, dtype, torch.device("cpu"))
             assert op.interior is not None and op.interior.dtype == dtype  # blockwise
-            assert op.edge_matrices is not None and op.edge_matrices.dtype == dtype
+            assert op.edge_corrections is not None and op.edge_corrections.dtype == dtype
             assert op.gather is not None and op.gather.dtype == torch.int64
     finally:
         wavelet_boundary.boundary_matrix.cache_clear()

@@ -25,6 +25,7 @@ from selora.spectral_bases.wavelet_boundary import (
     synthesize_boundary,
 )
 from selora.spectral_bases.wavelet_levels import (
+    LevelStep,
     level_classes,
     level_corners,
     shape_problem,
@@ -276,7 +277,7 @@ class WaveletTransform(InverseTransform):
         m, n = int(shape[0]), int(shape[1])
         self.check_shape(m, n)
         device = coefficients.device
-        step: Callable[[int, int], tuple[Tensor, Callable[[Tensor], Tensor]]]
+        step: LevelStep
         if self.boundary == "orthogonal":
             wavelet = self.wavelet
             key: tuple[str, object] = ("boundary", wavelet)
